@@ -1,0 +1,209 @@
+"""The quantized matmul: `y = x @ dequantize(W)^T` with a memory-lean VJP.
+
+`qdot` is the one place where a `QArray` meets activations. Its custom VJP
+saves only `x` and the integer pytree (never the dequantized weight) and, in
+the backward pass, re-materializes `deq(W)` for the input gradient
+
+    dx = dy @ deq(W)                                    (..., N) -> (..., K)
+
+and, depending on what trains,
+
+    "none":   nothing else (frozen base: LoRA, QLoRA, ModuLoRA, ApiQ);
+    "scale":  d scale[n, j] = sum_{k in group j} (dy^T x)[n, k] * c[n, k],
+              with c = q - z (uniform) or codebook[q]   (PEQA);
+    "weight": dW = dy^T x, delivered as the cotangent of `weight_probe`, a
+              float (N, K) array whose value is ignored    (QFT).
+
+Integer leaves and frozen scales get zero cotangents (`None`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qft_jax._src import qarray as qa
+
+TRAINABLE_MODES = ("none", "scale", "weight")
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class QDotConfig:
+  """Static knobs of `qdot` (hashable: one compiled VJP per config)."""
+  trainable: str = "none"
+  implementation: str | None = None
+
+  def __post_init__(self):
+    if self.trainable not in TRAINABLE_MODES:
+      raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got "
+                       f"{self.trainable!r}")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
+                       f"got {self.implementation!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WeightWithProbe:
+  """A QArray whose dense weight gradient is wanted (QFT).
+
+  `probe` is a float `(..., N, K)` placeholder; its value is ignored by the
+  forward pass and its cotangent is `dL/dW`. Build it inside the jitted step
+  (`jnp.zeros`) so it is never materialized as an input buffer.
+  """
+  q: qa.QArray
+  probe: jax.Array
+
+
+def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation) -> bool:
+  if implementation == "xla":
+    return False
+  try:
+    from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if implementation == "pallas":
+      raise
+    return False
+  ok, reason = kernels.can_use(x2d, w)
+  if implementation == "pallas" and not ok:
+    raise ValueError(f"the Pallas qmatmul kernel cannot run here: {reason}")
+  return ok
+
+
+def _forward(x2d: jax.Array, w: qa.QArray, implementation) -> jax.Array:
+  if _use_pallas(x2d, w, implementation):
+    from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
+    return kernels.fwd(x2d, w)
+  wd = qa.dequantize(w, x2d.dtype)
+  return jnp.dot(x2d, wd.T, preferred_element_type=jnp.float32
+                 ).astype(x2d.dtype)
+
+
+def _input_grad(dy2d: jax.Array, w: qa.QArray, implementation) -> jax.Array:
+  if _use_pallas(dy2d, w, implementation) and _use_pallas_dx(dy2d, w):
+    from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
+    return kernels.dx(dy2d, w)
+  wd = qa.dequantize(w, dy2d.dtype)
+  return jnp.dot(dy2d, wd, preferred_element_type=jnp.float32
+                 ).astype(dy2d.dtype)
+
+
+def _use_pallas_dx(dy2d: jax.Array, w: qa.QArray) -> bool:
+  from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
+  return kernels.can_use_dx(dy2d, w)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qdot2d(config: QDotConfig, x2d, w, probe):
+  del probe
+  return _forward(x2d, w, config.implementation)
+
+
+def _qdot2d_fwd(config, x2d, w, probe):
+  del probe
+  return _forward(x2d, w, config.implementation), (x2d, w)
+
+
+def _qdot2d_bwd(config, residuals, dy):
+  x2d, w = residuals
+  dx = _input_grad(dy, w, config.implementation).astype(x2d.dtype)
+  dw = None
+  dprobe = None
+  if config.trainable != "none":
+    grad_w = jnp.dot(dy.T, x2d, preferred_element_type=jnp.float32)  # (N, K)
+    if config.trainable == "weight":
+      dprobe = grad_w
+    else:
+      per_code = grad_w * qa.centered_codes(w)
+      dscale = per_code.reshape(*per_code.shape[:-1], w.num_groups,
+                                w.group_size).sum(-1)
+      dw = dataclasses.replace(
+          w, qvalue=None, scale=dscale.astype(w.scale.dtype),
+          zero_point=None)
+  return dx, dw, dprobe
+
+
+_qdot2d.defvjp(_qdot2d_fwd, _qdot2d_bwd)
+
+
+def qdot(x: jax.Array, w: qa.QArray, *, trainable: str = "none",
+         implementation: str | None = None,
+         weight_probe: jax.Array | None = None) -> jax.Array:
+  """`x @ dequantize(w).T` with gradients routed through dequantization.
+
+  Args:
+    x: activations `(..., K)`, float (bf16/f16/f32).
+    w: a QArray of logical shape `(N, K)` and no batch axes.
+    trainable: "none" (dx only), "scale" (dx and d scale) or "weight" (dx and
+      dW through `weight_probe`).
+    implementation: None (Pallas kernels on GPU when their gate passes, else
+      XLA), "xla" or "pallas" (raises if the kernels cannot run).
+    weight_probe: float `(N, K)`, required iff trainable == "weight"; its
+      value is ignored and its cotangent is dL/dW.
+
+  Returns:
+    `(..., N)` in `x.dtype`, accumulated in float32.
+  """
+  if not isinstance(w, qa.QArray):
+    raise ValueError(f"qdot expects a QArray weight, got {type(w).__name__}")
+  if w.batch_shape:
+    raise ValueError(
+        f"qdot expects one matrix; got a QArray with batch axes "
+        f"{w.batch_shape} (slice stacked layers first, e.g. inside lax.scan)")
+  n, k = w.shape
+  if x.shape[-1] != k:
+    raise ValueError(f"qdot shape mismatch: x has last dimension "
+                     f"{x.shape[-1]} but the weight is {n}x{k} (out x in)")
+  config = QDotConfig(trainable=trainable, implementation=implementation)
+  if (trainable == "weight") != (weight_probe is not None):
+    raise ValueError("weight_probe must be given exactly when "
+                     "trainable == 'weight'")
+  if weight_probe is not None and weight_probe.shape != (n, k):
+    raise ValueError(f"weight_probe has shape {weight_probe.shape}, "
+                     f"expected {(n, k)}")
+  x2d = x.reshape(-1, k)
+  y = _qdot2d(config, x2d, w, weight_probe)
+  return y.reshape(*x.shape[:-1], n)
+
+
+def linear(x: jax.Array, kernel: Any, *, lora: dict | None = None,
+           lora_scale: float = 1.0, trainable: str = "none",
+           implementation: str | None = None) -> jax.Array:
+  """A bias-free linear layer over a float, quantized or probed kernel.
+
+  `y = x @ W^T + lora_scale * (x @ A^T) @ B^T`, the LoRA branch in float32 and
+  never folded into `W`.
+
+  Args:
+    x: `(..., K)`.
+    kernel: float `(N, K)`, a `QArray` `(N, K)`, or `WeightWithProbe`.
+    lora: None or `{"a": (r, K), "b": (N, r)}`.
+    lora_scale: LoRA's `alpha / r`.
+    trainable: passed to `qdot` for a QArray kernel ("none" or "scale").
+    implementation: passed to `qdot`.
+
+  Returns:
+    `(..., N)` in `x.dtype`.
+  """
+  if isinstance(kernel, WeightWithProbe):
+    y = qdot(x, kernel.q, trainable="weight", implementation=implementation,
+             weight_probe=kernel.probe)
+  elif isinstance(kernel, qa.QArray):
+    y = qdot(x, kernel, trainable=trainable, implementation=implementation)
+  else:
+    if kernel.ndim != 2 or kernel.shape[-1] != x.shape[-1]:
+      raise ValueError(f"linear shape mismatch: x {x.shape} vs kernel "
+                       f"{kernel.shape} (out x in)")
+    y = jnp.dot(x, kernel.astype(x.dtype).T,
+                preferred_element_type=jnp.float32).astype(x.dtype)
+  if lora is not None:
+    a, b = lora["a"], lora["b"]
+    h = jnp.dot(x.astype(jnp.float32), a.astype(jnp.float32).T)
+    y = (y.astype(jnp.float32)
+         + lora_scale * jnp.dot(h, b.astype(jnp.float32).T)).astype(x.dtype)
+  return y

@@ -1,0 +1,172 @@
+"""The black-box quantizer protocol (ModuLoRA) and the RTN quantizer.
+
+A quantizer is anything that maps one float linear weight `W` `(out, in)`,
+plus optional calibration statistics of that layer's inputs, to a `QArray`:
+
+    q = quantizer(w, stats)          # stats: LayerStats or None
+
+Nothing downstream (the loader, `qdot`, LoRA training) knows which quantizer
+produced `q`: a QArray is a QArray. Quantizers that need calibration set
+`needs_calibration = True` and read `stats.hessian`, the second moment
+
+    H = 2 X^T X / n          X: (n, in), the n calibration inputs of the layer
+
+(the Hessian of the layer-wise objective `||X (W_hat - W)^T||^2 / n`, as in
+GPTQ). `stats.cross = 2 X_fp^T X / n` optionally pairs the inputs `X` of the
+quantized model with the inputs `X_fp` of the float model (ApiQ's layer-wise
+objective); without it the two coincide.
+
+`as_quantize_fn` turns a quantizer into the model loader's hook
+`quantize_fn(path, w)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qft_jax._src import qarray as qa
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  """Calibration statistics of one linear layer's inputs.
+
+  Attributes:
+    hessian: float32 `(in, in)`, `2 X^T X / n` over the n calibration inputs
+      `X` of the layer (in the quantized model when calibrating sequentially).
+    cross: None, or float32 `(in, in)`, `2 X_fp^T X / n` with `X_fp` the same
+      tokens' inputs in the float model (row i of both is the same token).
+    num_tokens: n (static).
+  """
+  hessian: jax.Array
+  cross: jax.Array | None = None
+  num_tokens: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+  def __post_init__(self):
+    shape = np.shape(self.hessian)
+    if len(shape) != 2 or shape[0] != shape[1]:
+      raise ValueError(f"LayerStats.hessian must be square (in, in), got "
+                       f"shape {shape}")
+    if self.cross is not None and np.shape(self.cross) != shape:
+      raise ValueError(f"LayerStats.cross has shape {np.shape(self.cross)}, "
+                       f"expected {shape} like the hessian")
+
+
+def layer_stats(x: jax.Array, x_fp: jax.Array | None = None) -> LayerStats:
+  """`LayerStats` of inputs `x` `(..., in)` (float32 accumulation).
+
+  Args:
+    x: the layer's inputs, any leading axes (tokens are rows after reshape).
+    x_fp: optional float-model inputs of the same tokens, same shape.
+  """
+  k = x.shape[-1]
+  x2 = x.reshape(-1, k).astype(jnp.float32)
+  n = x2.shape[0]
+  if n == 0:
+    raise ValueError("layer_stats needs at least one input row")
+  dot = lambda a, b: jnp.dot(a.T, b, precision=jax.lax.Precision.HIGHEST)
+  cross = None
+  if x_fp is not None:
+    if x_fp.shape != x.shape:
+      raise ValueError(f"x_fp has shape {x_fp.shape}, expected {x.shape}")
+    cross = 2.0 * dot(x_fp.reshape(-1, k).astype(jnp.float32), x2) / n
+  return LayerStats(hessian=2.0 * dot(x2, x2) / n, cross=cross, num_tokens=n)
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+  """Maps a float weight `(out, in)` (+ optional stats) to a `QArray`.
+
+  Attributes:
+    needs_calibration: `__call__` requires `stats` (a `LayerStats`).
+  """
+  needs_calibration: bool
+
+  def __call__(self, w: jax.Array, stats: LayerStats | None = None
+               ) -> qa.QArray:
+    ...
+
+
+def check_call(quantizer: Any, w: Any, stats: LayerStats | None) -> None:
+  """Raises ValueError for a weight or stats a quantizer cannot take."""
+  if np.ndim(w) != 2:
+    raise ValueError(f"a quantizer takes one matrix (out, in); got shape "
+                     f"{np.shape(w)} (quantize stacked layers one at a time)")
+  if getattr(quantizer, "needs_calibration", False):
+    if stats is None:
+      raise ValueError(f"{type(quantizer).__name__} needs calibration "
+                       "statistics (LayerStats) for every layer")
+    if np.shape(stats.hessian)[0] != np.shape(w)[1]:
+      raise ValueError(f"hessian is {np.shape(stats.hessian)} but the weight "
+                       f"has {np.shape(w)[1]} input columns")
+
+
+@dataclasses.dataclass(frozen=True)
+class RTN:
+  """Round-to-nearest (`qarray.quantize`) as a `Quantizer`.
+
+  Attributes:
+    config: bits, group size, symmetric / asymmetric, codebook.
+  """
+  config: qa.QuantConfig = qa.QuantConfig()
+  needs_calibration: bool = dataclasses.field(default=False, init=False)
+
+  def __call__(self, w, stats=None):
+    check_call(self, w, stats)
+    return qa.quantize(jnp.asarray(w), self.config)
+
+
+QuantizeFn = Callable[[str, np.ndarray], Any]
+
+
+def as_quantize_fn(quantizer: Quantizer,
+                   stats: Mapping[str, LayerStats] | None = None,
+                   skip: Callable[[str], bool] | None = None) -> QuantizeFn:
+  """The loader hook `quantize_fn(path, w) -> QArray | w` for a quantizer.
+
+  Args:
+    quantizer: any `Quantizer`.
+    stats: per-path statistics (required when the quantizer needs them);
+      looked up by the exact path the loader passes.
+    skip: optional predicate; paths it accepts are returned unchanged.
+
+  Returns:
+    A function mapping a float `(out, in)` weight to a `QArray` (or to itself
+    for skipped paths). Quantization runs on the default device; the result
+    keeps the weight's dtype as its dequantization dtype.
+  """
+  if not isinstance(quantizer, Quantizer):
+    raise ValueError(f"{quantizer!r} does not implement the Quantizer "
+                     "protocol (a callable with `needs_calibration`)")
+  if quantizer.needs_calibration and stats is None:
+    raise ValueError(f"{type(quantizer).__name__} needs calibration "
+                     "statistics: pass stats={path: LayerStats}")
+
+  def quantize_fn(path: str, w):
+    if skip is not None and skip(path):
+      return w
+    layer_stats_ = None
+    if quantizer.needs_calibration:
+      if path not in stats:
+        raise ValueError(f"no calibration statistics for {path!r}")
+      layer_stats_ = stats[path]
+    return quantizer(jnp.asarray(w), layer_stats_)
+
+  return quantize_fn
+
+
+def proxy_loss(w: jax.Array, w_hat: jax.Array, hessian: jax.Array
+               ) -> jax.Array:
+  """GPTQ's layer-wise objective `tr((W_hat - W) H (W_hat - W)^T)`.
+
+  With `H = 2 X^T X / n` this is `(2 / n) ||X (W_hat - W)^T||_F^2`.
+  """
+  d = (jnp.asarray(w_hat, jnp.float32) - jnp.asarray(w, jnp.float32))
+  hp = jax.lax.Precision.HIGHEST
+  return jnp.sum(jnp.dot(d, hessian, precision=hp) * d)

