@@ -181,7 +181,9 @@ def linear(x: jax.Array, kernel: Any, *, lora: dict | None = None,
 
   Args:
     x: `(..., K)`.
-    kernel: float `(N, K)`, a `QArray` `(N, K)`, or `WeightWithProbe`.
+    kernel: float `(N, K)`, a `QArray` `(N, K)`, `WeightWithProbe`, or an
+      object with `apply_linear(x, implementation=...)` (`optim.qft`'s
+      `QFTWeight` / `QFTWithProbe`).
     lora: None or `{"a": (r, K), "b": (N, r)}`.
     lora_scale: LoRA's `alpha / r`.
     trainable: passed to `qdot` for a QArray kernel ("none" or "scale").
@@ -190,7 +192,9 @@ def linear(x: jax.Array, kernel: Any, *, lora: dict | None = None,
   Returns:
     `(..., N)` in `x.dtype`.
   """
-  if isinstance(kernel, WeightWithProbe):
+  if hasattr(kernel, "apply_linear"):  # composite kernels, e.g. QFT weights
+    y = kernel.apply_linear(x, implementation=implementation)
+  elif isinstance(kernel, WeightWithProbe):
     y = qdot(x, kernel.q, trainable="weight", implementation=implementation,
              weight_probe=kernel.probe)
   elif isinstance(kernel, qa.QArray):

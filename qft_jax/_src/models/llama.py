@@ -420,8 +420,9 @@ def _check_tokens(tokens) -> None:
     raise ValueError(f"tokens must be integers, got {jnp.result_type(tokens)}")
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def init_params(config: LlamaConfig, key: jax.Array) -> dict:
-  """Random parameters (normal(0.02) linears/embedding, unit norms)."""
+  """Random parameters (normal(0.02) linears/embedding, unit norms; jitted)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Llama(config).init(key, tokens)["params"]
 

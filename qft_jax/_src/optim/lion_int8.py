@@ -130,25 +130,23 @@ def scale_by_lion_int8(b1: float = 0.9, b2: float = 0.99,
     beta1 = jnp.asarray(b1, jnp.float32)
     beta2 = jnp.asarray(b2, jnp.float32)
     leaves, treedef = jax.tree.flatten(updates)
+    codes = treedef.flatten_up_to(state.mu)
+    scales = treedef.flatten_up_to(state.mu_scale)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key),
                                   state.count)
-    keys = treedef.unflatten([jax.random.fold_in(step_key, i)
-                              for i in range(len(leaves))])
-
-    def one(g, code, scale, key):
+    new_updates, mu, mu_scale = [], [], []
+    for i, (g, code, scale) in enumerate(zip(leaves, codes, scales)):
       m = dequantize_blockwise(code, scale, block_size)
       g32 = g.astype(jnp.float32)
-      update = jnp.sign(beta1 * m + (1.0 - beta1) * g32).astype(g.dtype)
+      new_updates.append(
+          jnp.sign(beta1 * m + (1.0 - beta1) * g32).astype(g.dtype))
       m = beta2 * m + (1.0 - beta2) * g32
-      return update, quantize_blockwise(
-          m, block_size, key if stochastic_rounding else None)
-
-    out = jax.tree.map(one, updates, state.mu, state.mu_scale, keys)
-    is_out = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(
-        x[1], tuple)
-    new_updates = jax.tree.map(lambda o: o[0], out, is_leaf=is_out)
-    mu = jax.tree.map(lambda o: o[1][0], out, is_leaf=is_out)
-    mu_scale = jax.tree.map(lambda o: o[1][1], out, is_leaf=is_out)
+      key = jax.random.fold_in(step_key, i) if stochastic_rounding else None
+      code, scale = quantize_blockwise(m, block_size, key)
+      mu.append(code)
+      mu_scale.append(scale)
+    new_updates, mu, mu_scale = (treedef.unflatten(x)
+                                 for x in (new_updates, mu, mu_scale))
     return new_updates, ScaleByLionInt8State(
         count=optax.safe_increment(state.count), mu=mu, mu_scale=mu_scale,
         key=state.key)

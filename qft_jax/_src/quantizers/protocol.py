@@ -17,12 +17,15 @@ quantized model with the inputs `X_fp` of the float model (ApiQ's layer-wise
 objective); without it the two coincide.
 
 `as_quantize_fn` turns a quantizer into the model loader's hook
-`quantize_fn(path, w)`.
+`quantize_fn(path, w)`; `save_params` / `load_params` store a quantized
+parameter tree (npz of leaves + JSON of the QArray static fields).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import jax
@@ -170,3 +173,91 @@ def proxy_loss(w: jax.Array, w_hat: jax.Array, hessian: jax.Array
   d = (jnp.asarray(w_hat, jnp.float32) - jnp.asarray(w, jnp.float32))
   hp = jax.lax.Precision.HIGHEST
   return jnp.sum(jnp.dot(d, hessian, precision=hp) * d)
+
+
+# ------------------------------------------------ saving quantized trees ----
+
+
+def _qarray_spec(q: qa.QArray, prefix: str, arrays: dict) -> dict:
+  arrays[prefix + "/qvalue"] = np.asarray(q.qvalue)
+  if q.zero_point is not None:
+    arrays[prefix + "/zero_point"] = np.asarray(q.zero_point)
+  if isinstance(q.scale, qa.QArray):
+    scale = _qarray_spec(q.scale, prefix + "/scale", arrays)
+  else:
+    arrays[prefix + "/scale"] = np.asarray(q.scale)
+    scale = "array"
+  return {"kind": "qarray", "bits": q.bits, "group_size": q.group_size,
+          "shape": list(q.shape), "dtype": jnp.dtype(q.dtype).name,
+          "codebook": q.codebook, "scale": scale,
+          "zero_point": q.zero_point is not None}
+
+
+def _qarray_from_spec(spec: dict, prefix: str, arrays: dict) -> qa.QArray:
+  scale = (arrays[prefix + "/scale"] if spec["scale"] == "array"
+           else _qarray_from_spec(spec["scale"], prefix + "/scale", arrays))
+  return qa.QArray(
+      qvalue=arrays[prefix + "/qvalue"], scale=scale,
+      zero_point=arrays[prefix + "/zero_point"] if spec["zero_point"]
+      else None,
+      bits=spec["bits"], group_size=spec["group_size"],
+      shape=tuple(spec["shape"]), dtype=jnp.dtype(spec["dtype"]),
+      codebook=spec["codebook"])
+
+
+def _encode(a: np.ndarray) -> tuple[np.ndarray, str]:
+  """npz cannot hold bfloat16: store it as uint16 bits."""
+  name = jnp.dtype(a.dtype).name
+  if name == "bfloat16":
+    return a.view(np.uint16), name
+  return a, name
+
+
+def save_params(path, params: dict, meta: dict | None = None) -> None:
+  """Writes a param tree with QArray leaves to `path/params.npz` + JSON.
+
+  The JSON (`path/spec.json`) records every leaf's path, the static fields of
+  each QArray (nested double-quantized scales included) and `meta`.
+  """
+  out = pathlib.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  arrays, leaves = {}, {}
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=qa.is_qarray)[0]
+  for key_path, leaf in flat:
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    if isinstance(leaf, qa.QArray):
+      leaves[name] = _qarray_spec(jax.device_get(leaf), name, arrays)
+    else:
+      arrays[name] = np.asarray(leaf)
+      leaves[name] = {"kind": "array"}
+  dtypes = {}
+  for name in list(arrays):
+    arrays[name], dtypes[name] = _encode(arrays[name])
+  np.savez(out / "params.npz", **arrays)
+  (out / "spec.json").write_text(json.dumps(
+      {"leaves": leaves, "dtypes": dtypes, "meta": meta or {}}, indent=1))
+
+
+def load_params(path) -> tuple[dict, dict]:
+  """Inverse of `save_params`: `(params with QArrays (host), meta)`."""
+  src = pathlib.Path(path)
+  if not (src / "spec.json").exists():
+    raise ValueError(f"{src} has no spec.json (not a saved param tree)")
+  spec = json.loads((src / "spec.json").read_text())
+  with np.load(src / "params.npz") as data:
+    arrays = {}
+    for name in data.files:
+      a = data[name]
+      if spec["dtypes"][name] == "bfloat16":
+        a = a.view(jnp.bfloat16)
+      arrays[name] = a
+  tree = {}
+  for name, leaf in spec["leaves"].items():
+    value = (arrays[name] if leaf["kind"] == "array"
+             else _qarray_from_spec(leaf, name, arrays))
+    node = tree
+    *parents, last = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return tree, spec["meta"]

@@ -1,0 +1,257 @@
+r"""Post-training quantization of a model, saved and scored by perplexity.
+
+Quantizes every decoder linear with one quantizer, optionally calibrating on
+a text file (never the evaluation text), saves the quantized parameter tree
+(`protocol.save_params`: params.npz + spec.json, reloadable with
+`protocol.load_params`) and scores perplexity with
+`qft_jax._src.evaluate.perplexity` (non-overlapping windows from the start of
+the file, no BOS).
+
+Quantizers: none (float), rtn, nf4 (block = --group_size, --double_quant),
+gptq (sequential, true-sequential within a layer, --act_order), apiq
+(block-wise, LoRA applied), apiq_lw (layer-wise), loftq (LoRA applied).
+With --merge=gptq|rtn the LoRA of apiq/apiq_lw/loftq is then folded into the
+quantized base (`merge.merge_model`) and the merged model is scored too.
+
+  python experiments/quantize.py --quantizer=rtn --bits=4 \
+      --output_json=experiments/results/ptq_smollm2_rtn_b4_g64.json
+  python experiments/quantize.py --quantizer=gptq --bits=2 --calib_segments=32
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qft_jax._src import evaluate
+from qft_jax._src import qarray as qa
+from qft_jax._src.models import loading
+from qft_jax._src.quantizers import apiq
+from qft_jax._src.quantizers import calibration as cal
+from qft_jax._src.quantizers import gptq
+from qft_jax._src.quantizers import loftq
+from qft_jax._src.quantizers import merge
+from qft_jax._src.quantizers import nf4
+from qft_jax._src.quantizers import protocol
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TEXT = REPO.parent / "shared" / "data" / "text"
+
+QUANTIZERS = ["none", "rtn", "nf4", "gptq", "apiq", "apiq_lw", "loftq"]
+
+_MODEL = flags.DEFINE_string(
+    "model", "smollm2", "HF directory, .gguf, llama2.c .bin, or 'smollm2'.")
+_QUANTIZER = flags.DEFINE_enum("quantizer", "rtn", QUANTIZERS,
+                               "How decoder linears are quantized.")
+_BITS = flags.DEFINE_integer("bits", 4, "Code bits (2, 3, 4, 8).")
+_GROUP = flags.DEFINE_integer("group_size", 64,
+                              "Input columns per scale (-1: per channel).")
+_CALIB = flags.DEFINE_string(
+    "calib", str(TEXT / "tinyshakespeare_input.txt"),
+    "Calibration text (gptq, apiq, apiq_lw, merge); never the eval text.")
+_CALIB_SEGMENTS = flags.DEFINE_integer("calib_segments", 32,
+                                       "Calibration segments (paper: 128).")
+_CALIB_SEQ_LEN = flags.DEFINE_integer("calib_seq_len", 512,
+                                      "Tokens per segment (paper: 2048).")
+_DATASET = flags.DEFINE_string("dataset", str(TEXT / "wikitext2_raw_test.txt"),
+                               "Evaluation text, tokenized as one string.")
+_WINDOWS = flags.DEFINE_integer("windows", 16, "Evaluation windows.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Result JSON path.")
+_SAVE_DIR = flags.DEFINE_string("save_dir", None,
+                                "Where to save the quantized params.")
+_ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ act-order.")
+_DOUBLE_QUANT = flags.DEFINE_bool("double_quant", False,
+                                  "NF4 double quantization of the scales.")
+_RANK = flags.DEFINE_integer("rank", 64, "LoRA rank (apiq, apiq_lw, loftq).")
+_ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha.")
+_EPOCHS = flags.DEFINE_integer("epochs", 2, "ApiQ epochs (paper: 20).")
+_LW_STEPS = flags.DEFINE_integer("lw_steps", None,
+                                 "ApiQ-lw AdamW steps per linear "
+                                 "(default epochs * calib_segments).")
+_LOFTQ_ITERS = flags.DEFINE_integer("loftq_iters", 5, "LoftQ iterations.")
+_MERGE = flags.DEFINE_enum("merge", "none", ["none", "gptq", "rtn"],
+                           "Fold the LoRA into the base after quantizing.")
+_BATCH = flags.DEFINE_integer("batch_size", 4,
+                              "Segments/windows per forward pass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Calibration draw and LoRA seed.")
+
+
+def _rel(path: str) -> str:
+  """A path relative to the repository root when it lies beside it."""
+  try:
+    return str(pathlib.Path("..") / pathlib.Path(path).resolve().relative_to(
+        REPO.parent))
+  except ValueError:
+    return path
+
+
+def _rtn_config() -> qa.QuantConfig:
+  return qa.QuantConfig(bits=_BITS.value, group_size=_GROUP.value)
+
+
+def _calibration_inputs(params, tokenizer):
+  segments = cal.text_segments(tokenizer, _CALIB.value, _CALIB_SEGMENTS.value,
+                               _CALIB_SEQ_LEN.value, _SEED.value)
+  return cal.embed_tokens(params, segments)
+
+
+def _with_layers(params: dict, layers: dict) -> dict:
+  return {**params, "layers": layers}
+
+
+def quantize(config, params, tokenizer):
+  """Returns (quantized params, extra JSON fields)."""
+  name = _QUANTIZER.value
+  source = cal.layers_from_params(params)
+  log = lambda s: print(s[:300], flush=True)
+  extra = {}
+  if name == "gptq":
+    quantizer = gptq.GPTQ(gptq.GPTQConfig(
+        bits=_BITS.value, group_size=_GROUP.value, act_order=_ACT_ORDER.value))
+    layers, reports = cal.sequential(
+        config, source, _calibration_inputs(params, tokenizer),
+        cal.quantize_layer_with(config, quantizer, batch_size=_BATCH.value,
+                                baseline=_rtn_config()),
+        batch_size=_BATCH.value, log=log)
+    extra = proxy_summary(reports)
+  elif name in ("apiq", "apiq_lw"):
+    acfg = apiq.ApiQConfig(bits=_BITS.value, group_size=_GROUP.value,
+                           rank=_RANK.value, alpha=_ALPHA.value,
+                           epochs=_EPOCHS.value, seed=_SEED.value)
+    x0 = _calibration_inputs(params, tokenizer)
+    if name == "apiq":
+      layers, reports = apiq.apiq_blockwise_model(
+          config, source, x0, acfg, batch_size=_BATCH.value, log=log)
+      extra = {"epoch_loss_first_last_layer": [reports[0]["epoch_loss"],
+                                               reports[-1]["epoch_loss"]]}
+    else:
+      steps = _LW_STEPS.value or _EPOCHS.value * _CALIB_SEGMENTS.value
+      quantizer = apiq.ApiQLayerwise(acfg, steps=steps)
+      layers, reports = cal.sequential(
+          config, source, x0,
+          cal.quantize_layer_with(config, quantizer, batch_size=_BATCH.value,
+                                  with_cross=True, baseline=_rtn_config()),
+          need_fp=True, batch_size=_BATCH.value, log=log)
+      extra = {**proxy_summary(reports), "lw_steps": steps}
+    extra.update(epochs=_EPOCHS.value, rank=_RANK.value, alpha=_ALPHA.value)
+  elif name == "loftq":
+    quantizer = loftq.LoftQ(loftq.LoftQConfig(
+        quant=_rtn_config(), rank=_RANK.value, alpha=_ALPHA.value,
+        iters=_LOFTQ_ITERS.value))
+    layers = map_linears(params, quantizer.quantize_with_lora)
+    extra = {"rank": _RANK.value, "alpha": _ALPHA.value,
+             "loftq_iters": _LOFTQ_ITERS.value}
+  elif name == "none":
+    return params, extra
+  else:
+    quantizer = (protocol.RTN(_rtn_config()) if name == "rtn" else
+                 nf4.NF4(nf4.NF4Config(block_size=_GROUP.value,
+                                       double_quant=_DOUBLE_QUANT.value)))
+    layers = map_linears(params, lambda w: (quantizer(w), {}))
+  return _with_layers(params, layers), extra
+
+
+def map_linears(params: dict, fn) -> dict:
+  """Applies `fn(w) -> (QArray, extra entries)` to every layer's linears."""
+  source = cal.layers_from_params(params)
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  out = []
+  for index in range(num_layers):
+    layer = source(index)
+    for group in cal.LINEAR_GROUPS:
+      for name in group:
+        w = jnp.asarray(cal.get_linear(layer, name)["kernel"])
+        q, entries = fn(w)
+        layer = cal.set_linear(layer, name, {"kernel": q, **entries})
+    out.append(jax.device_get(layer))
+  return cal.stack_layers(out)
+
+
+def proxy_summary(reports: list[dict]) -> dict:
+  """How many linears have a proxy loss below RTN's, and the worst ratio."""
+  ratios = [v["proxy"] / max(v["proxy_rtn"], 1e-30) for r in reports
+            for k, v in r.items() if isinstance(v, dict) and "proxy" in v]
+  below = sum(r < 1 for r in ratios)
+  return {"proxy_below_rtn": f"{below}/{len(ratios)}",
+          "proxy_ratio_max": float(np.max(ratios)),
+          "proxy_ratio_median": float(np.median(ratios))}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  start = time.time()
+  print(f"devices: {jax.devices()}", flush=True)
+  config, params = loading.load_model(_MODEL.value, dtype=jnp.float32)
+  if _QUANTIZER.value in ("apiq", "apiq_lw", "loftq"):
+    config = dataclasses.replace(config, lora_alpha=_ALPHA.value)
+  tokenizer = loading.load_tokenizer(_MODEL.value)
+  quantized, extra = quantize(config, params, tokenizer)
+  del params
+  quantize_seconds = time.time() - start
+  ids = evaluate.text_token_ids(tokenizer, _DATASET.value)
+  result = evaluate.perplexity(quantized, config, ids, seq_len=_SEQ_LEN.value,
+                               windows=_WINDOWS.value,
+                               batch_size=_BATCH.value)
+  print(f"ppl {result['ppl']:.4f}", flush=True)
+  calibrated = _QUANTIZER.value in ("gptq", "apiq", "apiq_lw")
+  out = {"model": _MODEL.value, "quantizer": _QUANTIZER.value,
+         "bits": None if _QUANTIZER.value == "none" else
+                 (4 if _QUANTIZER.value == "nf4" else _BITS.value),
+         "group_size": None if _QUANTIZER.value == "none" else _GROUP.value,
+         "calib": _rel(_CALIB.value) if calibrated or _MERGE.value != "none"
+                  else None,
+         "dataset": _rel(_DATASET.value), "windows": _WINDOWS.value,
+         "seq_len": _SEQ_LEN.value, "ppl": result["ppl"]}
+  if calibrated:
+    out.update(calib_segments=_CALIB_SEGMENTS.value,
+               calib_seq_len=_CALIB_SEQ_LEN.value)
+  if _QUANTIZER.value == "gptq":
+    out["act_order"] = _ACT_ORDER.value
+  if _QUANTIZER.value == "nf4":
+    out["double_quant"] = _DOUBLE_QUANT.value
+  out.update(extra)
+  out["quantize_seconds"] = round(quantize_seconds, 1)
+  if _MERGE.value != "none":
+    x0 = _calibration_inputs(quantized, tokenizer)
+    layers, reports = merge.merge_model(
+        config, cal.layers_from_params(quantized), x0, _MERGE.value,
+        batch_size=_BATCH.value, log=lambda s: print(s[:300], flush=True))
+    quantized = _with_layers(quantized, layers)
+    merged = evaluate.perplexity(quantized, config, ids,
+                                 seq_len=_SEQ_LEN.value,
+                                 windows=_WINDOWS.value,
+                                 batch_size=_BATCH.value)
+    errs = {k: [v[k] for r in reports for v in r.values()
+                if isinstance(v, dict) and k in v]
+            for k in ("err_rtn", "err_gptq")}
+    out.update(merge=_MERGE.value, ppl_before_merge=result["ppl"],
+               ppl=merged["ppl"], calib_segments=_CALIB_SEGMENTS.value,
+               calib_seq_len=_CALIB_SEQ_LEN.value,
+               merge_err_rtn_sum=float(np.sum(errs["err_rtn"])))
+    if errs["err_gptq"]:
+      out["merge_err_gptq_sum"] = float(np.sum(errs["err_gptq"]))
+      out["merge_layers_gptq_below_rtn"] = (
+          f"{sum(g < r for g, r in zip(errs['err_gptq'], errs['err_rtn']))}"
+          f"/{len(errs['err_rtn'])}")
+    print(f"merged ppl {merged['ppl']:.4f}", flush=True)
+  if _SAVE_DIR.value:
+    protocol.save_params(_SAVE_DIR.value, quantized,
+                         {k: v for k, v in out.items() if k != "ppl"})
+  out["seconds"] = round(time.time() - start, 1)
+  print(json.dumps(out, indent=1))
+  if _OUTPUT_JSON.value:
+    path = pathlib.Path(_OUTPUT_JSON.value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,106 @@
+"""Fused input-gradient kernel: `dx = dy @ dequantize(W)` from packed codes.
+
+Each program owns the output columns of one word tile `[j0, j0 + bc)` in every
+plane, i.e. the P column stripes `i * Kw + [j0, j0 + bc)` of
+`dx[m0:m0+bm, :]`, and walks N (the contraction) `bn` weight rows at a time:
+
+    acc_i(bm, bc) += dy[m-tile, n-tile] @ deq(W[n-tile, plane i, j0:j0+bc])
+
+so each packed byte is read once per M tile. With `scale_mode="activations"`
+the group scale multiplies the `(bm, bn)` dy tile instead of the `(bn, bc)`
+weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
+Rows of dy past M and weight rows past N are masked (read as 0).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import tiles
+from pallas_kernels import tuning as tuning_lib
+from qft_jax._src import qarray as qa
+
+
+def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
+               bc: int, scale_mode: str):
+  q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
+  o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
+  num_k = layout.kw // bc
+  pid = pl.program_id(0)
+  pid_m, pid_k = pid // num_k, pid % num_k
+  j0 = pl.multiple_of(pid_k * bc, bc)
+  m_rows = tiles.row_ids(pid_m * bm, bm)
+  m_mask = m_rows < m
+  m_slice = pl.ds(pid_m * bm, bm)
+  dtype = dy_ref.dtype
+  groups = [tiles.group_index(i, j0, layout) for i in range(layout.planes)]
+
+  def body(t, accs):
+    n0 = pl.multiple_of(t * bn, bn)
+    n_slice = pl.ds(n0, bn)
+    n_mask = tiles.row_ids(n0, bn) < layout.n
+    words = tiles.load_words(q_ref, n_slice, n_mask, j0, bc, layout)
+    dy = plt.load(dy_ref.at[m_slice, n_slice],
+                  mask=m_mask[:, None] & n_mask[None, :], other=0)
+    new = []
+    for i, acc in enumerate(accs):
+      s, z = tiles.load_group_params(s_ref, z_ref, n_slice, n_mask, groups[i])
+      c = tiles.plane_codes(words, i, layout.bits)
+      if scale_mode == "weights":
+        w = (tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
+             ).astype(dtype)
+        lhs = dy
+      else:
+        w = tiles.centered_exact(c, z, cb_ref, layout, dtype)
+        lhs = (dy.astype(jnp.float32) * s[None, :]).astype(dtype)
+      new.append(acc + jnp.dot(lhs, w, preferred_element_type=jnp.float32))
+    return tuple(new)
+
+  zeros = tuple(jnp.zeros((bm, bc), jnp.float32)
+                for _ in range(layout.planes))
+  accs = lax.fori_loop(0, pl.cdiv(layout.n, bn), body, zeros)
+  mask = jnp.broadcast_to(m_mask[:, None], (bm, bc))
+  for i, acc in enumerate(accs):
+    plt.store(o_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
+              acc.astype(o_ref.dtype), mask=mask)
+
+
+def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
+       tuning: tuning_lib.TuningConfig | None = None,
+       out_init: jax.Array | None = None) -> jax.Array:
+  """`dy2d (M, N) @ dequantize(w) -> (M, K)` in dy2d.dtype, f32 accumulate.
+
+  Callers check `qmatmul.can_use_dx` first; this function assumes its checks.
+  `out_init`, an `(M, K)` array, is aliased to the output (see qmatmul_fwd).
+  """
+  layout = tiles.layout_of(w)
+  m = dy2d.shape[0]
+  cfg = tuning or tuning_lib.choose("dx", m, layout.n, layout.k, layout.bits)
+  bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
+  bm, bn = cfg.block_m, cfg.block_n
+  kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
+                             bc=bc, scale_mode=cfg.scale_mode)
+  grid = (pl.cdiv(m, bm) * (layout.kw // bc),)
+  out_shape = (m, layout.planes, layout.kw)
+  operands = [dy2d, *tiles.weight_operands(w, layout)]
+  aliases = {}
+  if out_init is not None:
+    aliases = {len(operands): 0}
+    operands.append(out_init.astype(dy2d.dtype).reshape(out_shape))
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(out_shape, dy2d.dtype),
+      grid=grid,
+      compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
+                                         num_stages=cfg.num_stages),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name=f"qmatmul_dx_{layout.bits}b",
+  )(*operands)
+  return out.reshape(m, layout.k)

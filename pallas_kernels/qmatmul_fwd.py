@@ -1,0 +1,121 @@
+"""Fused forward kernel: `y = x @ dequantize(W)^T` from packed codes.
+
+Each program owns an output tile `y[m0:m0+bm, n0:n0+bn]` and walks K one word
+tile at a time: it loads the packed bytes of `bn` weight rows once, and for
+each of the P code planes in them multiplies the matching `bc` columns of x:
+
+    acc(bn, bm) += deq(W_tile[plane i]) @ x[m-tile, i*Kw + j0 : +bc]^T
+
+The dequantized tile exists only in registers / shared memory; the weight is
+never written to device memory in float. The accumulator is float32 and held
+transposed (weight rows first) so the dequantized tile is the left operand of
+the matrix instruction and stays in registers; it is transposed once at the
+end. Rows past M or N are masked on load and store; K needs no mask (see
+tuning.effective_block_k).
+
+Cost model (bytes): N*K*bits/8 packed + N*G*(scale bytes + zero byte) + M*K
+and M*N activations (2 bytes each), once each when the grid covers M in one
+tile row (decode); the weight is re-read once per M tile otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import tiles
+from pallas_kernels import tuning as tuning_lib
+from qft_jax._src import qarray as qa
+
+
+def _program_tile(pid, num_m: int, num_n: int, group_m: int):
+  """Grouped ordering: `group_m` M-tiles share a weight tile in L2."""
+  group = group_m * num_n
+  first_m = (pid // group) * group_m
+  size_m = jnp.minimum(num_m - first_m, group_m)
+  pid_m = first_m + (pid % group) % size_m
+  pid_n = (pid % group) // size_m
+  return pid_m, pid_n
+
+
+def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
+                bc: int, scale_mode: str, group_m: int):
+  q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
+  o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
+  num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
+  pid_m, pid_n = _program_tile(pl.program_id(0), num_m, num_n, group_m)
+  n_rows = tiles.row_ids(pid_n * bn, bn)
+  n_mask = n_rows < layout.n
+  m_rows = tiles.row_ids(pid_m * bm, bm)
+  m_mask = m_rows < m
+  n_slice = pl.ds(pid_n * bn, bn)
+  m_slice = pl.ds(pid_m * bm, bm)
+  x_mask = jnp.broadcast_to(m_mask[:, None], (bm, bc))
+  dtype = x_ref.dtype
+
+  def body(t, acc):
+    j0 = pl.multiple_of(t * bc, bc)
+    words = tiles.load_words(q_ref, n_slice, n_mask, j0, bc, layout)
+    for i in range(layout.planes):
+      x = plt.load(x_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
+                   mask=x_mask, other=0)
+      s, z = tiles.load_group_params(s_ref, z_ref, n_slice, n_mask,
+                                     tiles.group_index(i, j0, layout))
+      c = tiles.plane_codes(words, i, layout.bits)
+      if scale_mode == "weights":
+        w = (tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
+             ).astype(dtype)
+        acc += lax.dot_general(w, x, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+      else:
+        w = tiles.centered_exact(c, z, cb_ref, layout, dtype)
+        part = lax.dot_general(w, x, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+        acc += s[:, None] * part
+    return acc
+
+  acc = lax.fori_loop(0, layout.kw // bc, body,
+                      jnp.zeros((bn, bm), jnp.float32))
+  plt.store(o_ref.at[m_slice, n_slice], acc.T.astype(o_ref.dtype),
+            mask=m_mask[:, None] & n_mask[None, :])
+
+
+def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
+        tuning: tuning_lib.TuningConfig | None = None,
+        out_init: jax.Array | None = None) -> jax.Array:
+  """`x2d (M, K) @ dequantize(w)^T -> (M, N)` in x2d.dtype, f32 accumulate.
+
+  Callers check `qmatmul.can_use` first; this function assumes its checks.
+  `out_init`, an `(M, N)` array, is aliased to the output (tests pass NaNs so
+  a tile the kernel fails to write shows up).
+  """
+  layout = tiles.layout_of(w)
+  m = x2d.shape[0]
+  cfg = tuning or tuning_lib.choose("fwd", m, layout.n, layout.k, layout.bits)
+  bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
+  bm, bn = cfg.block_m, cfg.block_n
+  kernel = functools.partial(
+      _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
+      scale_mode=cfg.scale_mode, group_m=cfg.group_m)
+  x3 = x2d.reshape(m, layout.planes, layout.kw)
+  grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn),)
+  operands = [x3, *tiles.weight_operands(w, layout)]
+  aliases = {}
+  if out_init is not None:
+    aliases = {len(operands): 0}
+    operands.append(out_init.astype(x2d.dtype).reshape(m, layout.n))
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, layout.n), x2d.dtype),
+      grid=grid,
+      compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
+                                         num_stages=cfg.num_stages),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name=f"qmatmul_fwd_{layout.bits}b",
+  )(*operands)

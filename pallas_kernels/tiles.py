@@ -1,0 +1,187 @@
+"""Tile-level unpacking and dequantization shared by the qmatmul kernels.
+
+The kernels see a QArray through free reshapes of its leaves (no copies):
+
+    x / dx  (M, K)            -> (M, P, Kw)    column k = i * Kw + j at [:, i, j]
+    qvalue  (N, K * bits / 8) -> (N, B, Kw)    byte t of word j at [:, t, j]
+    scale, zero_point (N, G)  unchanged
+
+with P = codes per word, B = bytes per word and Kw = K / P (qarray.py's
+planar layout). A tile of `bc` words `[j0, j0 + bc)` of `bn` weight rows is B
+loads of `(bn, bc)` bytes; plane i of it holds the codes of the contiguous
+input columns `[i * Kw + j0, i * Kw + j0 + bc)`, extracted with one shift and
+one mask. Because `bc` divides both Kw and the group size, each (plane, tile)
+lies in the single group `(i * Kw + j0) // g`, so its scale and zero point are
+one `(bn,)` vector each.
+
+Integer codes become floats without the slow int-to-float conversion unit:
+
+    f32:  bitcast(c | 0x4B000000) = 2**23 + c      (exact for c < 2**23)
+    bf16: bitcast(c | 0x4300)     = 128 + c        (exact for c < 128)
+    f16:  bitcast(c | 0x6400)     = 1024 + c       (exact for c < 1024)
+
+and the offset is folded into the zero point, so `q - z` comes out exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from qft_jax._src import qarray as qa
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static description of a QArray as the kernels read it.
+
+  Attributes:
+    n, k: logical weight shape (out, in).
+    bits: code width.
+    planes: codes per word, P.
+    nbytes: bytes per word, B.
+    kw: words per plane, Kw = K / P.
+    group: effective group size g (K for per-channel).
+    has_zero: asymmetric uniform codes with stored zero points.
+    codebook: the codebook's levels, or None for uniform codes.
+  """
+  n: int
+  k: int
+  bits: int
+  planes: int
+  nbytes: int
+  kw: int
+  group: int
+  has_zero: bool
+  codebook: tuple[float, ...] | None
+
+  @property
+  def implicit_zero(self) -> int:
+    return qa.implicit_zero_point(self.bits)
+
+
+def layout_of(w: qa.QArray) -> Layout:
+  n, k = w.shape
+  p = qa.codes_per_word(w.bits)
+  return Layout(
+      n=n, k=k, bits=w.bits, planes=p, nbytes=qa.bytes_per_word(w.bits),
+      kw=k // p, group=qa.resolve_group_size(w.group_size, k),
+      has_zero=w.zero_point is not None,
+      codebook=(None if w.codebook is None
+                else tuple(float(v) for v in qa.CODEBOOKS[w.codebook])))
+
+
+def weight_operands(w: qa.QArray, layout: Layout) -> list[jax.Array]:
+  """The kernel's weight inputs: q (N, B, Kw), scale, [zero], [levels]."""
+  ops = [w.qvalue.reshape(layout.n, layout.nbytes, layout.kw), w.scale]
+  if layout.has_zero:
+    ops.append(w.zero_point)
+  if layout.codebook is not None:
+    ops.append(jnp.asarray(layout.codebook, jnp.float32))
+  return ops
+
+
+def split_weight_refs(refs, layout: Layout):
+  """(q_ref, s_ref, z_ref | None, levels_ref | None, rest)."""
+  q_ref, s_ref, *rest = refs
+  z_ref = rest.pop(0) if layout.has_zero else None
+  cb_ref = rest.pop(0) if layout.codebook is not None else None
+  return q_ref, s_ref, z_ref, cb_ref, rest
+
+
+def load_words(q_ref, rows: pl.Slice, row_mask: jax.Array, j0, bc: int,
+               layout: Layout) -> jax.Array:
+  """int32 `(bn, bc)` words `[j0, j0 + bc)` of the weight rows `rows`.
+
+  Rows outside the matrix read as 0.
+  """
+  mask = jnp.broadcast_to(row_mask[:, None], (rows.size, bc))
+  words = None
+  for t in range(layout.nbytes):
+    b = plt.load(q_ref.at[rows, static_index(t), pl.ds(j0, bc)], mask=mask,
+                 other=0)
+    b = b.astype(jnp.int32)
+    words = b if t == 0 else words | (b << (8 * t))
+  return words
+
+
+def plane_codes(words: jax.Array, i: int, bits: int) -> jax.Array:
+  """Codes of plane i: bits `[i * bits, (i + 1) * bits)` of each word."""
+  c = words >> (i * bits) if i else words
+  return c if bits == 8 else c & ((1 << bits) - 1)
+
+
+def group_index(i: int, j0, layout: Layout):
+  """Group of plane i's word tile starting at j0 (a traced int32 scalar)."""
+  return (i * layout.kw + j0) // layout.group
+
+
+def load_group_params(s_ref, z_ref, rows: pl.Slice, row_mask: jax.Array, grp
+                      ) -> tuple[jax.Array, jax.Array | None]:
+  """float32 scale `(bn,)` and int32 zero point `(bn,)` (or None) of `grp`.
+
+  Rows outside the matrix read as scale 0, so their weights are exact zeros.
+  """
+  s = plt.load(s_ref.at[rows, grp], mask=row_mask, other=0)
+  z = None
+  if z_ref is not None:
+    z = plt.load(z_ref.at[rows, grp], mask=row_mask, other=0)
+    z = z.astype(jnp.int32)
+  return s.astype(jnp.float32), z
+
+
+def _lookup(cb_ref, c: jax.Array) -> jax.Array:
+  """Codebook levels of codes `c` (a gather from the 16-entry table)."""
+  return plt.load(cb_ref.at[c])
+
+
+def centered_f32(c: jax.Array, z: jax.Array | None, cb_ref,
+                 layout: Layout) -> jax.Array:
+  """float32 `q - z` (uniform) or `levels[q]` (codebook), exact."""
+  if layout.codebook is not None:
+    return _lookup(cb_ref, c)
+  as_f32 = lax.bitcast_convert_type(c | 0x4B000000, jnp.float32)
+  if z is None:
+    offset = jnp.float32(2.0**23 + layout.implicit_zero)
+  else:
+    offset = (z | 0x4B000000)
+    offset = lax.bitcast_convert_type(offset, jnp.float32)[:, None]
+  return as_f32 - offset
+
+
+# dtype -> (bit pattern, largest exact code width, value of the pattern).
+_MAGIC_16 = {jnp.dtype(jnp.bfloat16): (0x4300, 7, 128.0),
+             jnp.dtype(jnp.float16): (0x6400, 10, 1024.0)}
+
+
+def centered_exact(c: jax.Array, z: jax.Array | None, cb_ref, layout: Layout,
+                   dtype: Any) -> jax.Array:
+  """`q - z` in `dtype` (exact: |q - z| < 256), or `levels[q]` rounded."""
+  dtype = jnp.dtype(dtype)
+  if layout.codebook is not None:
+    return _lookup(cb_ref, c).astype(dtype)
+  magic = _MAGIC_16.get(dtype)
+  if magic is None or layout.bits > magic[1]:
+    return centered_f32(c, z, cb_ref, layout).astype(dtype)
+  pattern, _, value = magic
+  as_16 = lax.bitcast_convert_type((c | pattern).astype(jnp.int16), dtype)
+  if z is None:
+    return as_16 - jnp.asarray(value + layout.implicit_zero, dtype)
+  z16 = lax.bitcast_convert_type((z | pattern).astype(jnp.int16), dtype)
+  return as_16 - z16[:, None]
+
+
+def static_index(i: int) -> jax.Array:
+  """A Python int index as an int32 scalar (the interpreter wants a shape)."""
+  return jnp.int32(i)
+
+
+def row_ids(start, size: int) -> jax.Array:
+  """int32 `start + arange(size)`."""
+  return start + lax.broadcasted_iota(jnp.int32, (size,), 0)

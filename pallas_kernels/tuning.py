@@ -1,0 +1,136 @@
+"""Block sizes, warps and pipelining depth of the quantized-matmul kernels.
+
+A `TuningConfig` is static (frozen, hashable): one compiled kernel per config.
+`choose(...)` picks one per shape class from a small table, measured on an
+H100 (see docs_internal/kernels.md): decode (M <= 16) is bound by the bytes of
+the packed weight, so its tiles are thin in M and narrow in N to spread the
+weight over every SM; prefill / training (M >= 256) is bound by the matrix
+units, so its tiles are the large square ones of a bf16 GEMM.
+
+Word tiles. The kernels walk K in tiles of `block_k` packed *words* per plane
+(a word holds `codes_per_word` codes, see qft_jax/_src/qarray.py), so one step
+covers `codes_per_word * block_k` input columns. `effective_block_k` shrinks
+`block_k` to a power of two that divides both `K / codes_per_word` and the
+group size, so every (plane, word tile) lies inside one quantization group and
+K never needs masking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SCALE_MODES = ("weights", "activations")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Static knobs of one kernel launch.
+
+  Attributes:
+    block_m: rows of x (fwd) or dy (dx) per program; >= 16 (matrix-unit
+      minimum), masked when M is not a multiple.
+    block_n: weight rows per program (fwd: output columns; dx: the
+      contraction step); >= 16, masked when N is not a multiple.
+    block_k: packed words per plane per step (upper bound, see
+      `effective_block_k`); >= 16.
+    num_warps: warps per program.
+    num_stages: software-pipelining depth of the K (fwd) / N (dx) loop.
+    scale_mode: where the group scale is applied.
+      "weights": dequantize each weight tile in float32, `(q - z) * s`, cast to
+        the activation dtype, then one matrix product (cheapest for large M).
+      "activations": the tile holds the exact integers `q - z` (or codebook
+        levels); fwd scales the float32 partial product of each group,
+        `acc += s * (x @ (q - z)^T)`, dx scales the dy tile, `(dy * s) @ (q -
+        z)`: O(block_m * block_n) multiplies instead of O(block_n * block_k),
+        cheaper for small M.
+    group_m: programs along M that share one weight column tile before moving
+      on (L2 reuse, fwd only).
+  """
+  block_m: int = 16
+  block_n: int = 32
+  block_k: int = 128
+  num_warps: int = 4
+  num_stages: int = 3
+  scale_mode: str = "activations"
+  group_m: int = 8
+
+  def __post_init__(self):
+    for name in ("block_m", "block_n", "block_k"):
+      v = getattr(self, name)
+      if v < 16 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got "
+                       f"{self.num_warps}")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+    if self.scale_mode not in SCALE_MODES:
+      raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got "
+                       f"{self.scale_mode!r}")
+    if self.group_m < 1:
+      raise ValueError(f"group_m must be >= 1, got {self.group_m}")
+
+
+def largest_pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two <= `cap` that divides `n` (n > 0)."""
+  p = 1
+  while p * 2 <= cap and n % (p * 2) == 0:
+    p *= 2
+  return p
+
+
+def effective_block_k(block_k: int, words_per_plane: int, group: int) -> int:
+  """Word tile actually used: a power of two dividing Kw and the group."""
+  return largest_pow2_divisor(words_per_plane,
+                              largest_pow2_divisor(group, block_k))
+
+
+DECODE_MAX_M = 16
+TRAIN_MIN_M = 256
+
+# (op, shape class) -> config. Measured on an H100 (docs_internal/kernels.md).
+_TABLE = {
+    ("fwd", "decode"): TuningConfig(block_m=16, block_n=16, block_k=128,
+                                    num_warps=4, num_stages=4,
+                                    scale_mode="activations"),
+    ("fwd", "mid"): TuningConfig(block_m=64, block_n=64, block_k=64,
+                                 num_warps=4, num_stages=3,
+                                 scale_mode="weights"),
+    ("fwd", "train"): TuningConfig(block_m=128, block_n=128, block_k=64,
+                                   num_warps=8, num_stages=3,
+                                   scale_mode="weights"),
+    ("dx", "decode"): TuningConfig(block_m=16, block_n=128, block_k=16,
+                                   num_warps=4, num_stages=3,
+                                   scale_mode="activations"),
+    ("dx", "mid"): TuningConfig(block_m=64, block_n=64, block_k=64,
+                                num_warps=4, num_stages=3,
+                                scale_mode="weights"),
+    ("dx", "train"): TuningConfig(block_m=128, block_n=64, block_k=64,
+                                  num_warps=8, num_stages=3,
+                                  scale_mode="weights"),
+}
+
+
+def shape_class(m: int) -> str:
+  if m <= DECODE_MAX_M:
+    return "decode"
+  if m >= TRAIN_MIN_M:
+    return "train"
+  return "mid"
+
+
+def choose(op: str, m: int, n: int, k: int, bits: int) -> TuningConfig:
+  """The table's config for `op` ("fwd" or "dx") at this shape.
+
+  dx programs own `codes_per_word * block_k` output columns; outside decode
+  the word tile shrinks with the codes per word to keep that at 128 columns
+  (the per-plane float32 accumulators live in registers).
+  """
+  del n, k
+  if op not in ("fwd", "dx"):
+    raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
+  cfg = _TABLE[(op, shape_class(m))]
+  if op == "dx" and m > DECODE_MAX_M:
+    cpw = 8 if bits == 3 else 8 // bits
+    cfg = dataclasses.replace(cfg, block_k=max(16, 128 // cpw))
+  return cfg

@@ -1,0 +1,1 @@
+"""Optimizer pieces: int8 Lion, QFT integer updates, HiFT, PEQA, path masks."""

@@ -1,0 +1,210 @@
+"""Pallas qmatmul kernels against the float32 reference, plus their gates.
+
+`TestQMatmulGpu` compiles the kernels for the GPU (marked `gpu`, skipped
+without one); its twin `TestQMatmulInterpret` runs the same cases in the Pallas
+interpreter on any backend, which is CI's kernel coverage. Every run draws
+fresh random inputs and poisons the output with NaNs (aliased `out_init`), so
+a tile the kernel forgets to write fails the comparison.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import qmatmul as kq
+from pallas_kernels import tuning
+from qft_jax._src import qarray as qa
+from qft_jax._src import qmatmul as qm
+
+TOL = 1e-2  # bf16 / f16 inputs, float32 accumulation
+
+# (bits, group, symmetric, codebook, M, N, K): every width, both zero-point
+# kinds, NF4, group sizes 32/64/128/per-channel; M = 1, 3, 17; N not a
+# multiple of the 16-row tile; K whose words per plane (48, 80) are not a
+# multiple of the configured word tile.
+CASES = [
+    (4, 32, False, None, 3, 40, 256),
+    (4, 128, True, None, 1, 24, 384),
+    (3, 32, False, None, 17, 24, 256),
+    (2, 64, True, None, 3, 40, 256),
+    (8, -1, False, None, 1, 33, 96),
+    (4, 64, True, "nf4", 3, 40, 128),
+    (4, 32, False, None, 17, 16, 96),
+    (8, 32, True, None, 3, 20, 160),
+]
+SMALL_TILES = [
+    tuning.TuningConfig(block_m=16, block_n=16, block_k=128,
+                        scale_mode="activations"),
+    tuning.TuningConfig(block_m=16, block_n=32, block_k=16,
+                        scale_mode="weights"),
+]
+
+
+def _case_id(case):
+  bits, g, sym, cb, m, n, k = case
+  kind = cb or ("sym" if sym else "asym")
+  return f"{bits}b-{kind}-g{g}-{m}x{n}x{k}"
+
+
+def _rel(a, b):
+  a = np.asarray(a, np.float32)
+  b = np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _inputs(case, seed, dtype=jnp.bfloat16):
+  bits, g, sym, cb, m, n, k = case
+  kw, kx, kd, ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  cfg = qa.QuantConfig(bits=bits, group_size=g, symmetric=sym, codebook=cb)
+  w = qa.quantize(jax.random.normal(kw, (n, k)), cfg)
+  # Random positive scales per group, so a wrong group index shows.
+  w = dataclasses.replace(
+      w, scale=w.scale * jax.random.uniform(ks, w.scale.shape, minval=0.5,
+                                            maxval=2.0))
+  x = jax.random.normal(kx, (m, k)).astype(dtype)
+  dy = jax.random.normal(kd, (m, n)).astype(dtype)
+  return w, x, dy
+
+
+class _KernelCases:
+  """Shared cases; subclasses set INTERPRET."""
+
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _needs_backend(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("needs a GPU (the interpreter twin covers CPU)")
+
+  @pytest.mark.parametrize("index", range(len(CASES)),
+                           ids=[_case_id(c) for c in CASES])
+  def test_fwd_and_dx_match_reference(self, index):
+    case = CASES[index]
+    w, x, dy = _inputs(case, seed=np.random.randint(1 << 30))
+    nan_y = jnp.full((x.shape[0], w.shape[0]), jnp.nan, x.dtype)
+    nan_dx = jnp.full(x.shape, jnp.nan, x.dtype)
+    ref_y, ref_dx = kq.reference(x, w), kq.reference_dx(dy, w)
+    # The interpreter is slow: it alternates the tilings between cases.
+    configs = ([SMALL_TILES[index % 2]] if self.INTERPRET else SMALL_TILES)
+    for cfg in configs:
+      y = kq.fwd(x, w, interpret=self.INTERPRET, tuning=cfg, out_init=nan_y)
+      dx = kq.dx(dy, w, interpret=self.INTERPRET, tuning=cfg,
+                 out_init=nan_dx)
+      assert y.shape == ref_y.shape and y.dtype == x.dtype
+      assert dx.shape == ref_dx.shape and dx.dtype == dy.dtype
+      assert _rel(y, ref_y) < TOL, (cfg, _rel(y, ref_y))
+      assert _rel(dx, ref_dx) < TOL, (cfg, _rel(dx, ref_dx))
+
+  def test_default_tuning_and_f16(self):
+    case = (4, 64, False, None, 5, 48, 256)
+    w, x, dy = _inputs(case, seed=np.random.randint(1 << 30),
+                       dtype=jnp.float16)
+    y = kq.fwd(x, w, interpret=self.INTERPRET,
+               out_init=jnp.full((5, 48), jnp.nan, x.dtype))
+    dx = kq.dx(dy, w, interpret=self.INTERPRET,
+               out_init=jnp.full(x.shape, jnp.nan, x.dtype))
+    assert y.dtype == jnp.float16 and dx.dtype == jnp.float16
+    assert _rel(y, kq.reference(x, w)) < TOL
+    assert _rel(dx, kq.reference_dx(dy, w)) < TOL
+
+  def test_scale_mode_paths_agree(self):
+    """The two places to apply the scale compute the same product."""
+    w, x, dy = _inputs((3, 64, False, None, 17, 40, 512),
+                       seed=np.random.randint(1 << 30))
+    outs = []
+    for mode in tuning.SCALE_MODES:
+      cfg = tuning.TuningConfig(block_m=16, block_n=16, block_k=64,
+                                scale_mode=mode)
+      outs.append((kq.fwd(x, w, interpret=self.INTERPRET, tuning=cfg),
+                   kq.dx(dy, w, interpret=self.INTERPRET, tuning=cfg)))
+    assert _rel(outs[0][0], outs[1][0]) < TOL
+    assert _rel(outs[0][1], outs[1][1]) < TOL
+
+
+@pytest.mark.gpu
+class TestQMatmulGpu(_KernelCases):
+  INTERPRET = False
+
+  def test_qdot_pallas_path_matches_xla(self):
+    w, x, dy = _inputs((4, 64, False, None, 64, 96, 512), seed=11)
+    x3 = x.reshape(4, 16, 512)
+    y = qm.qdot(x3, w, implementation="pallas")
+    y_xla = qm.qdot(x3, w, implementation="xla")
+    assert _rel(y, y_xla) < TOL
+    cot = dy.reshape(4, 16, 96)
+    g = jax.grad(lambda a: jnp.sum(
+        qm.qdot(a, w, implementation="pallas").astype(jnp.float32) * cot))(x3)
+    g_ref = kq.reference_dx(dy, w).reshape(g.shape)
+    assert _rel(g, g_ref) < TOL
+
+  def test_large_decode_and_train_shapes(self):
+    for case in [(4, 128, False, None, 1, 4096, 4096),
+                 (4, 128, False, None, 300, 1000, 2048)]:
+      w, x, dy = _inputs(case, seed=5)
+      y = kq.fwd(x, w, out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan,
+                                         x.dtype))
+      dx = kq.dx(dy, w, out_init=jnp.full(x.shape, jnp.nan, x.dtype))
+      assert _rel(y, kq.reference(x, w)) < TOL
+      assert _rel(dx, kq.reference_dx(dy, w)) < TOL
+
+
+class TestQMatmulInterpret(_KernelCases):
+  INTERPRET = True
+
+
+def _q(bits=4, group=32, n=24, k=128, **kw):
+  cfg = qa.QuantConfig(bits=bits, group_size=group, **kw)
+  return qa.quantize(jax.random.normal(jax.random.PRNGKey(0), (n, k)), cfg)
+
+
+@pytest.mark.parametrize("x, w, needle", [
+    (jnp.ones((2, 128), jnp.float32), _q(), "dtype"),
+    (jnp.ones((2, 64), jnp.bfloat16), _q(), "columns"),
+    (jnp.ones((2, 3, 128), jnp.bfloat16), _q(), "2-D"),
+    (jnp.ones((0, 128), jnp.bfloat16), _q(), "no rows"),
+    (jnp.ones((2, 40), jnp.bfloat16), _q(k=40, group=-1), "word tile"),
+    (jnp.ones((2, 64), jnp.bfloat16), _q(bits=8, group=8, k=64), "word tile"),
+    (jnp.ones((2, 128), jnp.bfloat16), jnp.ones((24, 128)), "not a QArray"),
+], ids=["f32", "k-mismatch", "rank", "empty", "kw-20", "group-8", "float-w"])
+def test_gate_refuses_with_reason(x, w, needle):
+  ok, reason = kq.can_use(x, w, interpret=True)
+  assert not ok and needle in reason, reason
+  with pytest.raises(ValueError, match="cannot run"):
+    kq.fwd(x, w, interpret=True)
+
+
+def test_gate_refuses_stacked_and_wrong_dy():
+  stacked = qa.quantize(jnp.ones((2, 24, 128)), qa.QuantConfig(bits=4))
+  ok, reason = kq.can_use(jnp.ones((2, 128), jnp.bfloat16), stacked,
+                          interpret=True)
+  assert not ok and "batch axes" in reason
+  ok, reason = kq.can_use_dx(jnp.ones((2, 23), jnp.bfloat16), _q(),
+                             interpret=True)
+  assert not ok and "columns" in reason
+  assert kq.can_use_dx(jnp.ones((2, 24), jnp.bfloat16), _q(),
+                       interpret=True)[0]
+
+
+def test_gate_names_the_backend():
+  ok, reason = kq.can_use(jnp.ones((2, 128), jnp.bfloat16), _q())
+  if jax.default_backend() == "gpu":
+    assert ok, reason
+  else:
+    assert not ok and "backend" in reason
+
+
+def test_gpu_lowering_never_holds_a_float_weight():
+  """The lowered GPU program has no (N, K) float array: only packed codes."""
+  n, k = 256, 512
+  w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=4, group_size=64))
+  for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n))]:
+    lowered = jax.jit(fn).trace(jax.ShapeDtypeStruct(a, jnp.bfloat16),
+                                w).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "tt.func" in text or "__gpu$xla.gpu.triton" in text
+    for dt in ("bf16", "f16", "f32"):
+      assert f"tensor<{n}x{k}x{dt}>" not in text
+      assert f"tensor<{n}x{k // 2}x2x{dt}>" not in text
