@@ -391,13 +391,35 @@ def sweep_candidates():
     cands.append(("fwd", 4096, 4096, 4096, 4, TuningConfig(
         block_m=bm, block_n=bn, block_k=64, num_warps=8, num_stages=3,
         scale_mode="activations")))
+  for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128)):
+    for warps, stages in ((4, 3), (8, 3)):
+      cands.append(("fwd", 256, 4096, 4096, 4, TuningConfig(
+          block_m=bm, block_n=bn, block_k=64, num_warps=warps,
+          num_stages=stages, scale_mode="weights")))
+    cands.append(("dx", 256, 4096, 4096, 4, TuningConfig(
+        block_m=bm, block_n=min(bn, 64), block_k=64, num_warps=4,
+        num_stages=3, scale_mode="weights")))
+  for bn in (64, 128, 256):
+    for bk in (16, 32):
+      cands.append(("dx", 16, 4096, 4096, 4, TuningConfig(
+          block_m=16, block_n=bn, block_k=bk, num_warps=4, num_stages=3,
+          scale_mode="activations")))
   for bm, bn in ((128, 64), (128, 32), (64, 64), (256, 64)):
     for bk in (32, 64):
       for warps, stages in ((4, 3), (8, 3), (8, 4)):
         cands.append(("dx", 4096, 4096, 4096, 4, TuningConfig(
             block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
             num_stages=stages, scale_mode="weights")))
-  return cands
+  # Acceptance shapes first: later ones are the first to meet the deadline.
+  def priority(c):
+    op, m, n, k, bits, cfg = c
+    if op == "fwd" and m == 16 and bits == 4:
+      return 0
+    if m == 4096:
+      return 1
+    return 2
+  unique = list(dict.fromkeys(cands))
+  return sorted(unique, key=priority)
 
 
 def run_sweep(timer, deadline, workers):
@@ -440,6 +462,7 @@ def main():
   ap.add_argument("--commit", default=os.environ.get("COMMIT", "uncommitted"))
   ap.add_argument("--peer", help="internal: run the torch peer into this file")
   ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--bits", default=",".join(map(str, BITS)) + ",nf4")
   ap.add_argument("--budget_s", type=float, default=480)
@@ -461,6 +484,8 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   peer_path = os.path.join(args.out, "peer_torch_kernels.json")
   try:
+    if args.no_peer:
+      raise RuntimeError("skipped (--no_peer)")
     subprocess.run([sys.executable, __file__, "--peer", peer_path,
                     "--ms", args.ms], check=True, timeout=200)
     with open(peer_path) as f:
@@ -495,7 +520,7 @@ def main():
   dump()
 
   if args.sweep:
-    sweep_deadline = t0 + args.budget_s * 0.45
+    sweep_deadline = t0 + args.budget_s * 0.55
     result["sweep"] = run_sweep(timer, sweep_deadline, args.workers)
     dump()
 

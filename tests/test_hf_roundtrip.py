@@ -43,6 +43,9 @@ def _random_params(config, seed):
   return jax.tree.unflatten(treedef, new)
 
 
+_quantize = jax.jit(qa.quantize, static_argnums=1)
+
+
 def _hf_logits(directory, tokens):
   model = transformers.AutoModelForCausalLM.from_pretrained(
       directory, attn_implementation="eager", dtype=torch.float32).eval()
@@ -83,7 +86,7 @@ def test_save_hf_dequantizes_and_merges_lora(tmp_path):
   for block, names in llama.LINEAR_NAMES.items():
     for name in names:
       node = params["layers"][block][name]
-      node["kernel"] = qa.quantize(node["kernel"], qcfg)
+      node["kernel"] = _quantize(node["kernel"], qcfg)
       if name in ("q_proj", "up_proj"):
         out, inp = node["kernel"].shape
         ka, kb, key = jax.random.split(key, 3)

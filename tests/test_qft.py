@@ -188,6 +188,12 @@ def test_reselect_outliers_refits_from_current_weight():
   err = np.abs(np.asarray(qft.qft_dequantize(r)).reshape(2, -1) - w)
   assert np.all(err <= half * (1 + 1e-4))   # ties: w sits on the old grid
   assert np.all(np.asarray(r.dense.scale) <= np.asarray(q.dense.scale))
+  # The jit-friendly schedule re-fits only on due steps.
+  sched = jax.jit(qft.reselect_on_schedule, static_argnums=2)
+  for step, due in [(0, False), (3, False), (4, True), (8, True)]:
+    out = sched(moved, jnp.asarray(step), 4)
+    np.testing.assert_array_equal(out.outlier_index, (r if due else moved
+                                                      ).outlier_index)
 
 
 def test_probe_gradients_through_the_llama_model():

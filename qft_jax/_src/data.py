@@ -23,6 +23,7 @@ import json
 import pathlib
 from typing import Protocol, Sequence
 
+import jax
 import numpy as np
 
 TEXT_TRAIN_FRACTION = 0.9
@@ -43,6 +44,7 @@ class Example:
   completion: str
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:
   """One batch. tokens/targets int32 `(B, T)`; loss_mask float32 `(B, T)`."""

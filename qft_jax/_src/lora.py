@@ -146,16 +146,17 @@ combine = masks.combine
 def merge_lora(params: Any, spec: LoraSpec) -> Any:
   """Float params with every LoRA branch folded in: `W + (alpha/r) B A`.
 
-  QArray bases are dequantized (to their `dtype`); the sum is computed in
-  float32 and cast to the base dtype. Modules without LoRA are unchanged.
+  Every QArray kernel is dequantized (to its `dtype`), with or without LoRA,
+  so the result is a plain float model (for export); the sum is computed in
+  float32 and cast to the base dtype.
   """
   def merge(path, module):
-    if "lora_a" not in module:
-      return dict(module)
     kernel = module["kernel"]
     w = (qa.dequantize(kernel, jnp.float32) if qa.is_qarray(kernel)
          else kernel.astype(jnp.float32))
     dtype = kernel.dtype
+    if "lora_a" not in module:
+      return {**module, "kernel": w.astype(dtype)}
     a = module["lora_a"].astype(jnp.float32)
     b = module["lora_b"].astype(jnp.float32)
     if a.shape[-2] != spec.rank:

@@ -60,7 +60,8 @@ class WeightWithProbe:
   probe: jax.Array
 
 
-def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation) -> bool:
+def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
+                gate: str = "can_use") -> bool:
   if implementation == "xla":
     return False
   try:
@@ -69,7 +70,7 @@ def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation) -> bool:
     if implementation == "pallas":
       raise
     return False
-  ok, reason = kernels.can_use(x2d, w)
+  ok, reason = getattr(kernels, gate)(x2d, w)
   if implementation == "pallas" and not ok:
     raise ValueError(f"the Pallas qmatmul kernel cannot run here: {reason}")
   return ok
@@ -85,17 +86,12 @@ def _forward(x2d: jax.Array, w: qa.QArray, implementation) -> jax.Array:
 
 
 def _input_grad(dy2d: jax.Array, w: qa.QArray, implementation) -> jax.Array:
-  if _use_pallas(dy2d, w, implementation) and _use_pallas_dx(dy2d, w):
+  if _use_pallas(dy2d, w, implementation, gate="can_use_dx"):
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
     return kernels.dx(dy2d, w)
   wd = qa.dequantize(w, dy2d.dtype)
   return jnp.dot(dy2d, wd, preferred_element_type=jnp.float32
                  ).astype(dy2d.dtype)
-
-
-def _use_pallas_dx(dy2d: jax.Array, w: qa.QArray) -> bool:
-  from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
-  return kernels.can_use_dx(dy2d, w)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

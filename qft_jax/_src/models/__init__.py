@@ -1,0 +1,1 @@
+"""The LLaMA model family, checkpoint loaders, tokenizers and decoding."""

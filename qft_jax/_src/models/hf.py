@@ -19,6 +19,7 @@ import re
 import struct
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -195,12 +196,15 @@ def config_to_hf(config: llama.LlamaConfig, dtype=np.float32) -> dict:
   return out
 
 
+_dequantize = jax.jit(qa.dequantize, static_argnums=1)
+
+
 def _dense(node: dict, alpha: float) -> np.ndarray:
   """Float kernel of a linear node, QArray dequantized and LoRA merged."""
   w = node["kernel"]
   if isinstance(w, qmatmul.WeightWithProbe):
     w = w.q
-  w = qa.dequantize(w, jnp.float32) if isinstance(w, qa.QArray) else w
+  w = _dequantize(w, jnp.float32) if isinstance(w, qa.QArray) else w
   w = np.asarray(w, np.float32)
   if "lora_a" in node:
     a = np.asarray(node["lora_a"], np.float32)

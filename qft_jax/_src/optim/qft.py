@@ -24,9 +24,13 @@ re-deriving them every step would re-round whole rows whenever a row's absmax
 moves. `reselect_outliers` re-fits scales and outliers from the current
 weight (one requantization, nearest or stochastic).
 
-Forward: `qmatmul.linear(x, w)` accepts a `QFTWeight` (or `with_probe(w,
-probe)` during training, whose probe cotangent is the dense dL/dW); both call
+Forward: `qmatmul.linear(x, w)` accepts a `QFTWeight`, or during training a
+`QFTWithProbe(w, probe)` (`with_probes(params, qft_probes(params))` inside the
+jitted step), whose probe cotangent is the dense dL/dW; both call
 `apply_linear`, `y = qdot(x, D) + x[..., cols] * values` scattered to rows.
+A QFT step: probe grads -> `lion_int8` (int8 momentum, shape (..., N, K)) ->
+`qft_apply_updates` (weight decay needs `params`: pass the layer's transient
+`qft_dequantize`, or use `scale_by_lion_int8` + `scale_by_learning_rate`).
 """
 
 from __future__ import annotations
@@ -196,6 +200,20 @@ def reselect_outliers(params: Any, key: jax.Array | None = None) -> Any:
                         leaf.outlier_index.shape[-1], k, leaf.dense.dtype)
     out.append(leaf)
   return treedef.unflatten(out)
+
+
+def reselect_on_schedule(params: Any, step: jax.Array, every: int,
+                         key: jax.Array | None = None) -> Any:
+  """`reselect_outliers(params, key)` when `step > 0 and step % every == 0`.
+
+  Usable inside a jitted train step (`lax.cond`: shapes never change, and
+  the re-fit only runs on scheduled steps).
+  """
+  if every <= 0:
+    raise ValueError(f"reselection interval must be positive, got {every}")
+  due = (step > 0) & (step % every == 0)
+  return jax.lax.cond(due, lambda p: reselect_outliers(p, key), lambda p: p,
+                      params)
 
 
 def _apply_one(w: QFTWeight, u: jax.Array, key: jax.Array | None

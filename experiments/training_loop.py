@@ -1,0 +1,240 @@
+"""The fine-tuning run behind experiments/finetune.py (config -> summary).
+
+Kept apart from the absl entry point so tests and other launchers (the
+reproduction suite, the notebook) can call `run(config)` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import resource
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from qft_jax._src import checkpoint as ckpt_lib
+from qft_jax._src import data as data_lib
+from qft_jax._src import methods
+from qft_jax._src import train
+from qft_jax._src.models import llama
+from qft_jax._src.models import loading
+from qft_jax._src.optim import hift as hift_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training stopped on a NaN/inf loss (config.on_nonfinite == "stop")."""
+
+
+def method_config(c: ml_collections.ConfigDict) -> methods.MethodConfig:
+  m = c.method.to_dict()
+  m["lora_targets"] = tuple(m["lora_targets"])
+  return methods.MethodConfig(**m)
+
+
+def peak_bytes() -> int:
+  """Peak device bytes in use (GPU), or the process's peak RSS on CPU."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class MetricsWriter:
+  """metrics.jsonl plus TensorBoard scalars under `workdir`."""
+
+  def __init__(self, workdir: str):
+    self.dir = pathlib.Path(workdir)
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self.dir / "tb"))
+    except ImportError:
+      self._tb = None
+
+  def write(self, step: int, scalars: dict) -> None:
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def build_data(c, tokenizer):
+  """(train dataset, eval dataset) from the config's data section."""
+  seq = c.data.seq_len
+  limit = c.data.limit or None
+  train_ds = data_lib.build_dataset(c.data.kind, c.data.train, tokenizer, seq,
+                                    split="train", limit=limit, seed=c.seed)
+  if c.data.kind == "text":
+    eval_path, split = (c.data.eval or c.data.train), "eval"
+  else:
+    if not c.data.eval:
+      raise ValueError(f"data.eval is required for {c.data.kind!r} data")
+    eval_path, split = c.data.eval, "train"
+  eval_ds = data_lib.build_dataset(c.data.kind, eval_path, tokenizer, seq,
+                                   split=split,
+                                   limit=c.data.eval_limit or None,
+                                   seed=c.seed + 1)
+  return train_ds, eval_ds
+
+
+def calibration_tokens(c, tokenizer) -> np.ndarray:
+  from qft_jax._src.quantizers import calibration as cal  # pylint: disable=g-import-not-at-top
+  return cal.text_segments(tokenizer, c.data.calib, c.method.calib_segments,
+                           c.method.calib_seq_len, seed=c.seed)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """A step function over `train.TrainState`, for every method."""
+  step_fn: Any
+  eval_fn: Any
+  init: Any
+
+  @staticmethod
+  def build(c, mcfg, params, config) -> "Trainer":
+    apply_fn = lambda p, tokens: llama.Llama(config).apply({"params": p},
+                                                            tokens)
+    lr = methods.schedule(c.schedule, c.learning_rate, c.steps,
+                          c.warmup_steps)
+    make_tx = lambda lr_: methods.make_optimizer(
+        c.optimizer, lr_, weight_decay=c.weight_decay)
+    eval_step = train.make_eval_step(apply_fn)
+    if mcfg.name != "hift":
+      method = methods.make_method(mcfg, params)
+      tx = make_tx(lr)
+      step = train.make_train_step(apply_fn, method, tx,
+                                   accum_steps=c.accum_steps,
+                                   skip_nonfinite=c.on_nonfinite == "skip")
+      return Trainer(step, eval_step,
+                     lambda p: train.init_state(p, method, tx, c.seed))
+    schedule = hift_lib.HiFTSchedule(
+        hift_lib.hift_units(params), group_size=c.hift.group_size,
+        order=c.hift.order, seed=c.seed, lr_mode=c.hift.lr_mode)
+    hift = hift_lib.HiFT(schedule, make_tx, lr)
+
+    def loss_fn(p, tokens, targets, mask):
+      nll, n = train.cross_entropy(apply_fn(p, tokens), targets, mask)
+      return nll / jnp.maximum(n, 1.0)
+
+    hift_step = hift.make_step(loss_fn)
+
+    def step(state: train.TrainState, batch: data_lib.Batch):
+      params, opt, loss = hift_step(state.params, state.opt_state,
+                                    int(state.step), batch.tokens,
+                                    batch.targets, batch.loss_mask)
+      finite = bool(jnp.isfinite(loss))
+      if not finite and c.on_nonfinite == "skip":
+        params, opt = state.params, state.opt_state
+      new = train.TrainState(state.step + 1, params, opt, state.rng,
+                             state.skipped + int(not finite))
+      return new, {"loss": loss, "finite": int(finite),
+                   "group": schedule.group(int(state.step))}
+
+    init = lambda p: train.TrainState(
+        jnp.zeros((), jnp.int32), p, hift.init(p), jax.random.PRNGKey(c.seed),
+        jnp.zeros((), jnp.int32))
+    return Trainer(step, eval_step, init)
+
+
+def evaluate(eval_fn, params, eval_ds, c) -> float:
+  nll = count = 0.0
+  for i, (batch, _) in enumerate(eval_ds.eval_batches(c.batch_size)):
+    if i >= c.eval_batches:
+      break
+    s, n = eval_fn(params, batch)
+    nll, count = nll + float(s), count + float(n)
+  return nll / max(count, 1.0)
+
+
+def run(c: ml_collections.ConfigDict, *, log=print
+        ) -> tuple[dict, train.TrainState]:
+  """Runs one fine-tuning job; returns the summary and the final state."""
+  mcfg = method_config(c)
+  dtype = DTYPES[c.dtype]
+  log(f"loading {c.model}")
+  config, params = loading.load_model(c.model, dtype=dtype)
+  config = dataclasses.replace(config, remat=c.remat)
+  tokenizer = loading.load_tokenizer(c.model)
+  train_ds, eval_ds = build_data(c, tokenizer)
+  log(f"data: {train_ds.num_rows} train rows, {eval_ds.num_rows} eval rows "
+      f"of {c.data.seq_len} tokens")
+  calib = calibration_tokens(c, tokenizer) if mcfg.uses_calibration else None
+  params, config = methods.prepare_params(
+      mcfg, params, config, jax.random.PRNGKey(c.seed + 7),
+      calib_tokens=calib, log=log)
+  log(f"method {mcfg.name}: {methods.trainable_count(mcfg, params):,} "
+      "trainable parameters")
+  trainer = Trainer.build(c, mcfg, params, config)
+  state = trainer.init(params)
+  del params
+
+  checkpointer = None
+  if c.checkpoint_dir:
+    checkpointer = ckpt_lib.Checkpointer(c.checkpoint_dir,
+                                         keep=c.keep_checkpoints)
+    restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    if restored is not None:
+      step0, state, meta = restored
+      log(f"resumed from step {step0} ({checkpointer.directory})")
+
+  writer = MetricsWriter(c.workdir)
+  eval_loss0 = evaluate(trainer.eval_fn, state.params, eval_ds, c)
+  history = []
+  start = int(state.step)
+  bar = tqdm.tqdm(range(start, c.steps), initial=start, total=c.steps,
+                  desc=mcfg.name, dynamic_ncols=True, mininterval=1.0)
+  t0 = time.time()
+  for step in bar:
+    batch = train_ds.batch(step, c.batch_size, seed=c.seed)
+    state, metrics = trainer.step_fn(state, batch)
+    if (step + 1) % c.log_interval == 0 or step + 1 == c.steps:
+      scalars = {k: float(v) for k, v in metrics.items()}
+      tokens_seen = (step + 1 - start) * batch.tokens.size
+      scalars["tok_per_s"] = tokens_seen / max(time.time() - t0, 1e-9)
+      writer.write(step + 1, scalars)
+      history.append({"step": step + 1, **scalars})
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+    if c.on_nonfinite == "stop" and not int(metrics["finite"]):
+      raise NonFiniteLossError(
+          f"non-finite loss at step {step + 1}; the last good checkpoint in "
+          f"{c.checkpoint_dir or '(none configured)'} is intact")
+    if (step + 1) % c.eval_interval == 0 and step + 1 < c.steps:
+      ev = evaluate(trainer.eval_fn, state.params, eval_ds, c)
+      writer.write(step + 1, {"eval_loss": ev})
+      bar.write(f"step {step + 1}: eval loss {ev:.4f}")
+    if checkpointer and ((step + 1) % c.checkpoint_interval == 0
+                         or step + 1 == c.steps):
+      checkpointer.save(step + 1, state, {"step": step + 1,
+                                          "config": c.to_json()})
+  eval_loss = evaluate(trainer.eval_fn, state.params, eval_ds, c)
+  writer.write(int(state.step), {"eval_loss": eval_loss})
+  writer.close()
+  if checkpointer:
+    checkpointer.close()
+  train_losses = [h["loss"] for h in history]
+  summary = {
+      "method": mcfg.name, "bits": mcfg.bits, "model": c.model,
+      "optimizer": c.optimizer, "steps": int(state.step),
+      "train_loss": train_losses[-1] if train_losses else math.nan,
+      "eval_loss_before": eval_loss0, "eval_loss": eval_loss,
+      "skipped_steps": int(state.skipped), "peak_bytes": peak_bytes(),
+      "backend": jax.default_backend(),
+  }
+  return summary, state
