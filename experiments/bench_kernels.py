@@ -159,7 +159,7 @@ class Timer:
       self._profiler = None
       self.method = "wall"
 
-  def __call__(self, compiled, args, per_call: int, iters: int = 9) -> float:
+  def __call__(self, compiled, args, per_call: int, iters: int = 7) -> float:
     jax, _ = _jax_setup()
     if self._profiler is not None:
       try:
@@ -367,59 +367,24 @@ def time_jobs(jobs, timer, deadline):
 
 
 def sweep_candidates():
+  """Decode split-contraction variants around the table's choice.
+
+  Run 1's geometry sweep (156 configs) chose the table; this one checks the
+  split factor and program width it did not cover.
+  """
   from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
   cands = []
-  decode = [(4096, 4096, 4), (11008, 4096, 4), (4096, 4096, 3),
-            (4096, 4096, 2)]
-  for n, k, bits in decode:
-    for bn in (16, 32, 64):
-      for bk in (64, 128):
-        for warps, stages in ((2, 5), (4, 3), (4, 5)):
-          modes = (("activations", "weights") if (n, bits) == (11008, 4)
-                   else ("activations",))
-          for mode in modes:
-            cands.append(("fwd", 16, n, k, bits, TuningConfig(
-                block_m=16, block_n=bn, block_k=bk, num_warps=warps,
-                num_stages=stages, scale_mode=mode)))
-  for bm, bn in ((128, 128), (128, 256), (256, 128), (64, 256)):
-    for bk in (32, 64):
-      for warps, stages in ((4, 3), (8, 3), (8, 4)):
-        cands.append(("fwd", 4096, 4096, 4096, 4, TuningConfig(
-            block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-            num_stages=stages, scale_mode="weights")))
-  for bm, bn in ((128, 128), (128, 256)):
-    cands.append(("fwd", 4096, 4096, 4096, 4, TuningConfig(
-        block_m=bm, block_n=bn, block_k=64, num_warps=8, num_stages=3,
-        scale_mode="activations")))
-  for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128)):
-    for warps, stages in ((4, 3), (8, 3)):
-      cands.append(("fwd", 256, 4096, 4096, 4, TuningConfig(
-          block_m=bm, block_n=bn, block_k=64, num_warps=warps,
-          num_stages=stages, scale_mode="weights")))
-    cands.append(("dx", 256, 4096, 4096, 4, TuningConfig(
-        block_m=bm, block_n=min(bn, 64), block_k=64, num_warps=4,
-        num_stages=3, scale_mode="weights")))
-  for bn in (64, 128, 256):
-    for bk in (16, 32):
-      cands.append(("dx", 16, 4096, 4096, 4, TuningConfig(
-          block_m=16, block_n=bn, block_k=bk, num_warps=4, num_stages=3,
-          scale_mode="activations")))
-  for bm, bn in ((128, 64), (128, 32), (64, 64), (256, 64)):
-    for bk in (32, 64):
-      for warps, stages in ((4, 3), (8, 3), (8, 4)):
-        cands.append(("dx", 4096, 4096, 4096, 4, TuningConfig(
-            block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-            num_stages=stages, scale_mode="weights")))
-  # Acceptance shapes first: later ones are the first to meet the deadline.
-  def priority(c):
-    op, m, n, k, bits, cfg = c
-    if op == "fwd" and m == 16 and bits == 4:
-      return 0
-    if m == 4096:
-      return 1
-    return 2
-  unique = list(dict.fromkeys(cands))
-  return sorted(unique, key=priority)
+  for n, k in ((4096, 4096), (11008, 4096)):
+    for bn in (32, 64):
+      for split in (1, 2, 4, 8, 16):
+        cands.append(("fwd", 16, n, k, 4, TuningConfig(
+            block_m=16, block_n=bn, block_k=128, num_warps=2, num_stages=5,
+            scale_mode="activations", split_k=split)))
+    for split in (4, 8):
+      cands.append(("fwd", 16, n, k, 4, TuningConfig(
+          block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
+          scale_mode="activations", split_k=split)))
+  return cands
 
 
 def run_sweep(timer, deadline, workers):
@@ -499,7 +464,7 @@ def main():
   gpu = jax.devices()[0].device_kind
   result = dict(gpu=gpu, jax=jax.__version__, commit=args.commit,
                 date=datetime.date.today().isoformat(),
-                timing=("CUPTI kernel durations summed per call, median of 9 "
+                timing=("CUPTI kernel durations summed per call, median of 7 "
                         "repeats, rotated over >=160 MiB of weights"),
                 quant=dict(group_size=GROUP, zero_point=True,
                            scale_dtype="bfloat16",
@@ -533,6 +498,8 @@ def main():
         if bits == "nf4" and m not in (1, 16, 4096):
           continue
         jobs += make_jobs(m, n, k, bits)
+  # Acceptance shapes first, in case the time budget runs out.
+  jobs.sort(key=lambda j: (j.key[5] not in (None, 4), j.key[2] in (4, 256)))
   t = time.time()
   _compile_all(jobs, args.workers, deadline - 60)
   print(f"compiled {len(jobs)} jobs in {time.time() - t:.0f}s", flush=True)

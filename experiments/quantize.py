@@ -31,6 +31,7 @@ import numpy as np
 
 from qft_jax._src import evaluate
 from qft_jax._src import qarray as qa
+from qft_jax._src.models import llama
 from qft_jax._src.models import loading
 from qft_jax._src.quantizers import apiq
 from qft_jax._src.quantizers import calibration as cal
@@ -46,7 +47,8 @@ TEXT = REPO.parent / "shared" / "data" / "text"
 QUANTIZERS = ["none", "rtn", "nf4", "gptq", "apiq", "apiq_lw", "loftq"]
 
 _MODEL = flags.DEFINE_string(
-    "model", "smollm2", "HF directory, .gguf, llama2.c .bin, or 'smollm2'.")
+    "model", "smollm2", "HF directory, .gguf, llama2.c .bin, 'smollm2', or "
+    "'llama7b_random' (calibration benchmark, random weights, no eval).")
 _QUANTIZER = flags.DEFINE_enum("quantizer", "rtn", QUANTIZERS,
                                "How decoder linears are quantized.")
 _BITS = flags.DEFINE_integer("bits", 4, "Code bits (2, 3, 4, 8).")
@@ -81,6 +83,8 @@ _MERGE = flags.DEFINE_enum("merge", "none", ["none", "gptq", "rtn"],
 _BATCH = flags.DEFINE_integer("batch_size", 4,
                               "Segments/windows per forward pass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Calibration draw and LoRA seed.")
+_MAX_LAYERS = flags.DEFINE_integer(
+    "max_layers", 32, "Layers to quantize of --model=llama7b_random.")
 
 
 def _rel(path: str) -> str:
@@ -109,23 +113,45 @@ def _with_layers(params: dict, layers: dict) -> dict:
 def quantize(config, params, tokenizer):
   """Returns (quantized params, extra JSON fields)."""
   name = _QUANTIZER.value
-  source = cal.layers_from_params(params)
+  if name in ("gptq", "apiq", "apiq_lw"):
+    layers, extra = calibrate(config, cal.layers_from_params(params),
+                              lambda: _calibration_inputs(params, tokenizer))
+  elif name == "loftq":
+    quantizer = loftq.LoftQ(loftq.LoftQConfig(
+        quant=_rtn_config(), rank=_RANK.value, alpha=_ALPHA.value,
+        iters=_LOFTQ_ITERS.value))
+    layers = map_linears(params, quantizer.quantize_with_lora)
+    extra = {"rank": _RANK.value, "alpha": _ALPHA.value,
+             "loftq_iters": _LOFTQ_ITERS.value}
+  elif name == "none":
+    return params, {}
+  else:
+    quantizer = (protocol.RTN(_rtn_config()) if name == "rtn" else
+                 nf4.NF4(nf4.NF4Config(block_size=_GROUP.value,
+                                       double_quant=_DOUBLE_QUANT.value)))
+    layers = map_linears(params, lambda w: (quantizer(w), {}))
+    extra = {}
+  return _with_layers(params, layers), extra
+
+
+def calibrate(config, source, make_x0):
+  """Runs gptq / apiq / apiq_lw layer by layer; returns (layers, extra)."""
+  name = _QUANTIZER.value
   log = lambda s: print(s[:300], flush=True)
-  extra = {}
   if name == "gptq":
     quantizer = gptq.GPTQ(gptq.GPTQConfig(
         bits=_BITS.value, group_size=_GROUP.value, act_order=_ACT_ORDER.value))
     layers, reports = cal.sequential(
-        config, source, _calibration_inputs(params, tokenizer),
+        config, source, make_x0(),
         cal.quantize_layer_with(config, quantizer, batch_size=_BATCH.value,
                                 baseline=_rtn_config()),
         batch_size=_BATCH.value, log=log)
     extra = proxy_summary(reports)
-  elif name in ("apiq", "apiq_lw"):
+  else:
     acfg = apiq.ApiQConfig(bits=_BITS.value, group_size=_GROUP.value,
                            rank=_RANK.value, alpha=_ALPHA.value,
                            epochs=_EPOCHS.value, seed=_SEED.value)
-    x0 = _calibration_inputs(params, tokenizer)
+    x0 = make_x0()
     if name == "apiq":
       layers, reports = apiq.apiq_blockwise_model(
           config, source, x0, acfg, batch_size=_BATCH.value, log=log)
@@ -141,21 +167,61 @@ def quantize(config, params, tokenizer):
           need_fp=True, batch_size=_BATCH.value, log=log)
       extra = {**proxy_summary(reports), "lw_steps": steps}
     extra.update(epochs=_EPOCHS.value, rank=_RANK.value, alpha=_ALPHA.value)
-  elif name == "loftq":
-    quantizer = loftq.LoftQ(loftq.LoftQConfig(
-        quant=_rtn_config(), rank=_RANK.value, alpha=_ALPHA.value,
-        iters=_LOFTQ_ITERS.value))
-    layers = map_linears(params, quantizer.quantize_with_lora)
-    extra = {"rank": _RANK.value, "alpha": _ALPHA.value,
-             "loftq_iters": _LOFTQ_ITERS.value}
-  elif name == "none":
-    return params, extra
-  else:
-    quantizer = (protocol.RTN(_rtn_config()) if name == "rtn" else
-                 nf4.NF4(nf4.NF4Config(block_size=_GROUP.value,
-                                       double_quant=_DOUBLE_QUANT.value)))
-    layers = map_linears(params, lambda w: (quantizer(w), {}))
-  return _with_layers(params, layers), extra
+  return layers, extra
+
+
+LLAMA7B = llama.LlamaConfig(vocab_size=32000, hidden_size=4096,
+                            intermediate_size=11008, num_layers=32,
+                            num_heads=32, num_kv_heads=32, head_dim=128)
+
+
+def random_llama7b_benchmark() -> dict:
+  """Calibrating quantizers on a LLaMA-7B-shaped model with random weights.
+
+  Layer `l` is drawn on the host (numpy, std 0.02, unit norms) only when the
+  driver asks for it, so the float model (27 GB in float32) never exists on
+  the device; calibration inputs are random hidden states `(S, T, 4096)`.
+  Reports seconds per layer and the device's peak bytes in use.
+  """
+  config = dataclasses.replace(LLAMA7B, num_layers=_MAX_LAYERS.value)
+  shapes = {k[len("layers/"):]: v[1:] for k, v in
+            llama.param_shapes(LLAMA7B).items() if k.startswith("layers/")}
+
+  def source(index):
+    rng = np.random.default_rng(index)
+    layer = {}
+    for path, shape in shapes.items():
+      value = (np.ones(shape, np.float32) if path.endswith("scale") else
+               (0.02 * rng.standard_normal(shape, np.float32)))
+      node = layer
+      *parents, leaf = path.split("/")
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = value
+    return layer
+
+  def make_x0():
+    return jax.random.normal(jax.random.key(_SEED.value),
+                             (_CALIB_SEGMENTS.value, _CALIB_SEQ_LEN.value,
+                              config.hidden_size), jnp.float32)
+
+  start = time.time()
+  layers, extra = calibrate(config, source, make_x0)
+  jax.block_until_ready(layers)
+  seconds = time.time() - start
+  stats = jax.devices()[0].memory_stats() or {}
+  per_layer = sum(np.prod(s) for s in shapes.values()) * 4
+  return {"model": "llama7b_random", "quantizer": _QUANTIZER.value,
+          "bits": _BITS.value, "group_size": _GROUP.value,
+          "calib": "random hidden states",
+          "calib_segments": _CALIB_SEGMENTS.value,
+          "calib_seq_len": _CALIB_SEQ_LEN.value,
+          "layers_done": config.num_layers, "device": str(jax.devices()[0]),
+          "seconds_per_layer": round(seconds / config.num_layers, 2),
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+          "float_layer_bytes": int(per_layer),
+          "float_model_decoder_bytes": int(per_layer * LLAMA7B.num_layers),
+          **{k: v for k, v in extra.items() if not k.startswith("epoch_loss")}}
 
 
 def map_linears(params: dict, fn) -> dict:
@@ -189,6 +255,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   start = time.time()
   print(f"devices: {jax.devices()}", flush=True)
+  if _MODEL.value == "llama7b_random":
+    _write(random_llama7b_benchmark())
+    return
   config, params = loading.load_model(_MODEL.value, dtype=jnp.float32)
   if _QUANTIZER.value in ("apiq", "apiq_lw", "loftq"):
     config = dataclasses.replace(config, lora_alpha=_ALPHA.value)
@@ -246,6 +315,10 @@ def main(argv):
     protocol.save_params(_SAVE_DIR.value, quantized,
                          {k: v for k, v in out.items() if k != "ppl"})
   out["seconds"] = round(time.time() - start, 1)
+  _write(out)
+
+
+def _write(out: dict) -> None:
   print(json.dumps(out, indent=1))
   if _OUTPUT_JSON.value:
     path = pathlib.Path(_OUTPUT_JSON.value)

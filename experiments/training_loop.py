@@ -76,12 +76,24 @@ class MetricsWriter:
 
 
 def build_data(c, tokenizer):
-  """(train dataset, eval dataset) from the config's data section."""
+  """(train dataset, eval dataset) from the config's data section.
+
+  Optional data fields: `sampler` ("numpy"/"python", how `limit` examples
+  are drawn), `sample_seed` (seed of that draw; -1: the run's seed),
+  `holdout` (evaluate on the last `holdout` records of the train file) and
+  `add_bos`.
+  """
   seq = c.data.seq_len
   limit = c.data.limit or None
-  train_ds = data_lib.build_dataset(c.data.kind, c.data.train, tokenizer, seq,
-                                    split="train", limit=limit, seed=c.seed)
-  if c.data.kind == "text":
+  sample_seed = c.data.get("sample_seed", -1)
+  opts = dict(sampler=c.data.get("sampler", "numpy"),
+              add_bos=c.data.get("add_bos", True))
+  holdout = c.data.get("holdout", 0)
+  train_ds = data_lib.build_dataset(
+      c.data.kind, c.data.train, tokenizer, seq, split="train", limit=limit,
+      seed=c.seed if sample_seed < 0 else sample_seed, holdout=holdout,
+      **opts)
+  if c.data.kind == "text" or holdout:
     eval_path, split = (c.data.eval or c.data.train), "eval"
   else:
     if not c.data.eval:
@@ -90,7 +102,7 @@ def build_data(c, tokenizer):
   eval_ds = data_lib.build_dataset(c.data.kind, eval_path, tokenizer, seq,
                                    split=split,
                                    limit=c.data.eval_limit or None,
-                                   seed=c.seed + 1)
+                                   seed=c.seed + 1, holdout=holdout, **opts)
   return train_ds, eval_ds
 
 
@@ -117,7 +129,8 @@ class Trainer:
         c.optimizer, lr_, weight_decay=c.weight_decay)
     eval_step = train.make_eval_step(apply_fn)
     if mcfg.name != "hift":
-      method = methods.make_method(mcfg, params)
+      method = methods.make_method(mcfg, params, weight_decay=c.weight_decay,
+                                   learning_rate=lr)
       tx = make_tx(lr)
       step = train.make_train_step(apply_fn, method, tx,
                                    accum_steps=c.accum_steps,
@@ -163,18 +176,23 @@ def evaluate(eval_fn, params, eval_ds, c) -> float:
   return nll / max(count, 1.0)
 
 
-def run(c: ml_collections.ConfigDict, *, log=print
-        ) -> tuple[dict, train.TrainState]:
-  """Runs one fine-tuning job; returns the summary and the final state."""
+@dataclasses.dataclass
+class Setup:
+  """Everything a run (or an export) builds before the first step."""
+  mcfg: methods.MethodConfig
+  config: llama.LlamaConfig
+  tokenizer: Any
+  trainer: Trainer
+  state: train.TrainState
+
+
+def setup(c: ml_collections.ConfigDict, *, log=print) -> Setup:
+  """Loads the model and builds the method's initial training state."""
   mcfg = method_config(c)
-  dtype = DTYPES[c.dtype]
   log(f"loading {c.model}")
-  config, params = loading.load_model(c.model, dtype=dtype)
+  config, params = loading.load_model(c.model, dtype=DTYPES[c.dtype])
   config = dataclasses.replace(config, remat=c.remat)
   tokenizer = loading.load_tokenizer(c.model)
-  train_ds, eval_ds = build_data(c, tokenizer)
-  log(f"data: {train_ds.num_rows} train rows, {eval_ds.num_rows} eval rows "
-      f"of {c.data.seq_len} tokens")
   calib = calibration_tokens(c, tokenizer) if mcfg.uses_calibration else None
   params, config = methods.prepare_params(
       mcfg, params, config, jax.random.PRNGKey(c.seed + 7),
@@ -182,17 +200,37 @@ def run(c: ml_collections.ConfigDict, *, log=print
   log(f"method {mcfg.name}: {methods.trainable_count(mcfg, params):,} "
       "trainable parameters")
   trainer = Trainer.build(c, mcfg, params, config)
-  state = trainer.init(params)
-  del params
+  return Setup(mcfg, config, tokenizer, trainer, trainer.init(params))
 
-  checkpointer = None
-  if c.checkpoint_dir:
-    checkpointer = ckpt_lib.Checkpointer(c.checkpoint_dir,
-                                         keep=c.keep_checkpoints)
-    restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
-    if restored is not None:
-      step0, state, meta = restored
-      log(f"resumed from step {step0} ({checkpointer.directory})")
+
+def restore(c: ml_collections.ConfigDict, state: train.TrainState, *,
+            log=print) -> tuple[train.TrainState, Any]:
+  """The newest intact checkpoint of `c.checkpoint_dir` (or `state`)."""
+  if not c.checkpoint_dir:
+    return state, None
+  checkpointer = ckpt_lib.Checkpointer(c.checkpoint_dir,
+                                       keep=c.keep_checkpoints)
+  restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+  if restored is not None:
+    step0, state, _ = restored
+    log(f"resumed from step {step0} ({checkpointer.directory})")
+  return state, checkpointer
+
+
+def run(c: ml_collections.ConfigDict, *, log=print, task_eval=None
+        ) -> tuple[dict, train.TrainState]:
+  """Runs one fine-tuning job; returns the summary and the final state.
+
+  `task_eval(params, config, tokenizer) -> dict`, if given, runs after
+  training and its result is the summary's "task" entry.
+  """
+  s = setup(c, log=log)
+  mcfg, config, trainer, tokenizer = s.mcfg, s.config, s.trainer, s.tokenizer
+  train_ds, eval_ds = build_data(c, tokenizer)
+  log(f"data: {train_ds.num_rows} train rows, {eval_ds.num_rows} eval rows "
+      f"of {c.data.seq_len} tokens")
+  state, checkpointer = restore(c, s.state, log=log)
+  del s
 
   writer = MetricsWriter(c.workdir)
   eval_loss0 = evaluate(trainer.eval_fn, state.params, eval_ds, c)
@@ -237,4 +275,6 @@ def run(c: ml_collections.ConfigDict, *, log=print
       "skipped_steps": int(state.skipped), "peak_bytes": peak_bytes(),
       "backend": jax.default_backend(),
   }
+  if task_eval is not None:
+    summary["task"] = task_eval(state.params, config, tokenizer)
   return summary, state

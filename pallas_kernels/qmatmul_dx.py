@@ -9,7 +9,9 @@ plane, i.e. the P column stripes `i * Kw + [j0, j0 + bc)` of
 so each packed byte is read once per M tile. With `scale_mode="activations"`
 the group scale multiplies the `(bm, bn)` dy tile instead of the `(bn, bc)`
 weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
-Rows of dy past M and weight rows past N are masked (read as 0).
+Rows of dy past M and weight rows past N are masked (read as 0). With
+`split_k = S > 1` (decode), S programs share each output tile, each walking
+one slice of N, and XLA sums their float32 partials `(S, M, K)`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from qft_jax._src import qarray as qa
 
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
-               bc: int, scale_mode: str):
+               bc: int, scale_mode: str, split: int):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_k = layout.kw // bc
-  pid = pl.program_id(0)
+  pid = pl.program_id(0) // split
   pid_m, pid_k = pid // num_k, pid % num_k
   j0 = pl.multiple_of(pid_k * bc, bc)
   m_rows = tiles.row_ids(pid_m * bm, bm)
@@ -64,11 +66,15 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
 
   zeros = tuple(jnp.zeros((bm, bc), jnp.float32)
                 for _ in range(layout.planes))
-  accs = lax.fori_loop(0, pl.cdiv(layout.n, bn), body, zeros)
+  part = pl.program_id(0) % split
+  start, stop = tiles.split_range(part, split, pl.cdiv(layout.n, bn))
+  accs = lax.fori_loop(start, stop, body, zeros)
   mask = jnp.broadcast_to(m_mask[:, None], (bm, bc))
   for i, acc in enumerate(accs):
-    plt.store(o_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
-              acc.astype(o_ref.dtype), mask=mask)
+    idx = (m_slice, tiles.static_index(i), pl.ds(j0, bc))
+    if split > 1:
+      idx = (part, *idx)
+    plt.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
 
 
 def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
@@ -77,25 +83,32 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   """`dy2d (M, N) @ dequantize(w) -> (M, K)` in dy2d.dtype, f32 accumulate.
 
   Callers check `qmatmul.can_use_dx` first; this function assumes its checks.
-  `out_init`, an `(M, K)` array, is aliased to the output (see qmatmul_fwd).
+  `out_init`, an `(M, K)` array, fills the output buffer(s) first (see
+  qmatmul_fwd).
   """
   layout = tiles.layout_of(w)
   m = dy2d.shape[0]
   cfg = tuning or tuning_lib.choose("dx", m, layout.n, layout.k, layout.bits)
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
   bm, bn = cfg.block_m, cfg.block_n
+  split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))
   kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
-                             bc=bc, scale_mode=cfg.scale_mode)
-  grid = (pl.cdiv(m, bm) * (layout.kw // bc),)
-  out_shape = (m, layout.planes, layout.kw)
+                             bc=bc, scale_mode=cfg.scale_mode, split=split)
+  grid = (pl.cdiv(m, bm) * (layout.kw // bc) * split,)
+  # split > 1: float32 partial sums per slice of N, summed below.
+  out_shape, out_dtype = (m, layout.planes, layout.kw), dy2d.dtype
+  if split > 1:
+    out_shape, out_dtype = (split, *out_shape), jnp.float32
   operands = [dy2d, *tiles.weight_operands(w, layout)]
   aliases = {}
   if out_init is not None:
     aliases = {len(operands): 0}
-    operands.append(out_init.astype(dy2d.dtype).reshape(out_shape))
+    operands.append(jnp.broadcast_to(
+        out_init.reshape(m, layout.planes, layout.kw).astype(out_dtype),
+        out_shape))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct(out_shape, dy2d.dtype),
+      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
       grid=grid,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages),
@@ -103,4 +116,6 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
       interpret=interpret,
       name=f"qmatmul_dx_{layout.bits}b",
   )(*operands)
+  if split > 1:
+    out = out.sum(axis=0).astype(dy2d.dtype)
   return out.reshape(m, layout.k)

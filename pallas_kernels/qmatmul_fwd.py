@@ -16,6 +16,12 @@ tuning.effective_block_k).
 Cost model (bytes): N*K*bits/8 packed + N*G*(scale bytes + zero byte) + M*K
 and M*N activations (2 bytes each), once each when the grid covers M in one
 tile row (decode); the weight is re-read once per M tile otherwise.
+
+Split contraction (decode). With `split_k = S > 1`, S programs share each
+output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
+plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
+the programs for the 4*S*M*N partial bytes, small next to the weight when M is
+small.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
-                bc: int, scale_mode: str, group_m: int):
+                bc: int, scale_mode: str, group_m: int, split: int):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
-  pid_m, pid_n = _program_tile(pl.program_id(0), num_m, num_n, group_m)
+  pid = pl.program_id(0)
+  pid_m, pid_n = _program_tile(pid // split, num_m, num_n, group_m)
   n_rows = tiles.row_ids(pid_n * bn, bn)
   n_mask = n_rows < layout.n
   m_rows = tiles.row_ids(pid_m * bm, bm)
@@ -79,10 +86,14 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
         acc += s[:, None] * part
     return acc
 
-  acc = lax.fori_loop(0, layout.kw // bc, body,
-                      jnp.zeros((bn, bm), jnp.float32))
-  plt.store(o_ref.at[m_slice, n_slice], acc.T.astype(o_ref.dtype),
-            mask=m_mask[:, None] & n_mask[None, :])
+  start, stop = tiles.split_range(pid % split, split, layout.kw // bc)
+  acc = lax.fori_loop(start, stop, body, jnp.zeros((bn, bm), jnp.float32))
+  mask = m_mask[:, None] & n_mask[None, :]
+  if split == 1:
+    plt.store(o_ref.at[m_slice, n_slice], acc.T.astype(o_ref.dtype),
+              mask=mask)
+  else:
+    plt.store(o_ref.at[pid % split, m_slice, n_slice], acc.T, mask=mask)
 
 
 def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
@@ -91,27 +102,34 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   """`x2d (M, K) @ dequantize(w)^T -> (M, N)` in x2d.dtype, f32 accumulate.
 
   Callers check `qmatmul.can_use` first; this function assumes its checks.
-  `out_init`, an `(M, N)` array, is aliased to the output (tests pass NaNs so
-  a tile the kernel fails to write shows up).
+  `out_init`, an `(M, N)` array, fills the kernel's output buffer (every
+  split's partial sums when the contraction is split) before it runs; tests
+  pass NaNs so a tile the kernel fails to write shows up.
   """
   layout = tiles.layout_of(w)
   m = x2d.shape[0]
   cfg = tuning or tuning_lib.choose("fwd", m, layout.n, layout.k, layout.bits)
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
+  split = tuning_lib.effective_split(cfg.split_k, layout.kw // bc)
   bm, bn = cfg.block_m, cfg.block_n
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
-      scale_mode=cfg.scale_mode, group_m=cfg.group_m)
+      scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split)
   x3 = x2d.reshape(m, layout.planes, layout.kw)
-  grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn),)
+  grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn) * split,)
+  # split > 1: float32 partial sums per contraction slice, summed below.
+  out_shape, out_dtype = (m, layout.n), x2d.dtype
+  if split > 1:
+    out_shape, out_dtype = (split, m, layout.n), jnp.float32
   operands = [x3, *tiles.weight_operands(w, layout)]
   aliases = {}
   if out_init is not None:
     aliases = {len(operands): 0}
-    operands.append(out_init.astype(x2d.dtype).reshape(m, layout.n))
-  return pl.pallas_call(
+    operands.append(jnp.broadcast_to(
+        out_init.reshape(m, layout.n).astype(out_dtype), out_shape))
+  out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, layout.n), x2d.dtype),
+      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
       grid=grid,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages),
@@ -119,3 +137,6 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
       interpret=interpret,
       name=f"qmatmul_fwd_{layout.bits}b",
   )(*operands)
+  if split > 1:
+    out = out.sum(axis=0).astype(x2d.dtype)
+  return out

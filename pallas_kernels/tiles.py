@@ -177,6 +177,13 @@ def centered_exact(c: jax.Array, z: jax.Array | None, cb_ref, layout: Layout,
   return as_16 - z16[:, None]
 
 
+def split_range(part, parts: int, trips: int):
+  """Loop bounds `[part*trips//parts, (part+1)*trips//parts)` of one split."""
+  if parts == 1:
+    return 0, trips
+  return (part * trips) // parts, ((part + 1) * trips) // parts
+
+
 def static_index(i: int) -> jax.Array:
   """A Python int index as an int32 scalar (the interpreter wants a shape)."""
   return jnp.int32(i)

@@ -45,6 +45,11 @@ class TuningConfig:
         cheaper for small M.
     group_m: programs along M that share one weight column tile before moving
       on (L2 reuse, fwd only).
+    split_k: upper bound on the programs that share one output tile, each
+      reducing a slice of the contraction (fwd: K, dx: N) into float32
+      partials that one XLA reduction sums. Decode has too few output tiles
+      to occupy the GPU; splitting the contraction multiplies the programs.
+      `effective_split` shrinks it to the loop's trip count.
   """
   block_m: int = 16
   block_n: int = 32
@@ -53,6 +58,7 @@ class TuningConfig:
   num_stages: int = 3
   scale_mode: str = "activations"
   group_m: int = 8
+  split_k: int = 1
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):
@@ -69,6 +75,8 @@ class TuningConfig:
                        f"{self.scale_mode!r}")
     if self.group_m < 1:
       raise ValueError(f"group_m must be >= 1, got {self.group_m}")
+    if self.split_k < 1:
+      raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:
@@ -85,28 +93,40 @@ def effective_block_k(block_k: int, words_per_plane: int, group: int) -> int:
                               largest_pow2_divisor(group, block_k))
 
 
+def effective_split(split_k: int, trips: int) -> int:
+  """Contraction splits actually used: at most one loop trip per split."""
+  return max(1, min(split_k, trips))
+
+
+# Programs a decode launch aims for: ~8 resident per SM on a 132-SM H100.
+DECODE_TARGET_PROGRAMS = 1024
+MAX_SPLIT = 8
+
+
 DECODE_MAX_M = 16
 TRAIN_MIN_M = 256
 
-# (op, shape class) -> config. Measured on an H100 (docs_internal/kernels.md).
+# (op, shape class) -> config, from the sweep of run 1 on an H100
+# (docs_internal/kernels.md). block_k is the per-plane word tile before
+# `choose` scales it with the codes per word.
 _TABLE = {
-    ("fwd", "decode"): TuningConfig(block_m=16, block_n=16, block_k=128,
-                                    num_warps=4, num_stages=4,
+    ("fwd", "decode"): TuningConfig(block_m=16, block_n=32, block_k=128,
+                                    num_warps=2, num_stages=5,
                                     scale_mode="activations"),
-    ("fwd", "mid"): TuningConfig(block_m=64, block_n=64, block_k=64,
+    ("fwd", "mid"): TuningConfig(block_m=128, block_n=64, block_k=64,
                                  num_warps=4, num_stages=3,
                                  scale_mode="weights"),
-    ("fwd", "train"): TuningConfig(block_m=128, block_n=128, block_k=64,
+    ("fwd", "train"): TuningConfig(block_m=256, block_n=128, block_k=64,
                                    num_warps=8, num_stages=3,
                                    scale_mode="weights"),
-    ("dx", "decode"): TuningConfig(block_m=16, block_n=128, block_k=16,
+    ("dx", "decode"): TuningConfig(block_m=16, block_n=256, block_k=32,
                                    num_warps=4, num_stages=3,
                                    scale_mode="activations"),
     ("dx", "mid"): TuningConfig(block_m=64, block_n=64, block_k=64,
                                 num_warps=4, num_stages=3,
                                 scale_mode="weights"),
     ("dx", "train"): TuningConfig(block_m=128, block_n=64, block_k=64,
-                                  num_warps=8, num_stages=3,
+                                  num_warps=4, num_stages=3,
                                   scale_mode="weights"),
 }
 
@@ -122,15 +142,24 @@ def shape_class(m: int) -> str:
 def choose(op: str, m: int, n: int, k: int, bits: int) -> TuningConfig:
   """The table's config for `op` ("fwd" or "dx") at this shape.
 
-  dx programs own `codes_per_word * block_k` output columns; outside decode
-  the word tile shrinks with the codes per word to keep that at 128 columns
-  (the per-plane float32 accumulators live in registers).
+  Outside decode, one K step covers `codes_per_word * block_k` columns; the
+  word tile shrinks with the codes per word to keep that <= 128 (the x tiles
+  of all planes share the pipeline's shared memory, and dx keeps one float32
+  accumulator per plane in registers). Decode splits the contraction until
+  about `DECODE_TARGET_PROGRAMS` programs run.
   """
-  del n, k
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
-  cfg = _TABLE[(op, shape_class(m))]
-  if op == "dx" and m > DECODE_MAX_M:
-    cpw = 8 if bits == 3 else 8 // bits
-    cfg = dataclasses.replace(cfg, block_k=max(16, 128 // cpw))
-  return cfg
+  cls = shape_class(m)
+  cfg = _TABLE[(op, cls)]
+  cpw = 8 if bits == 3 else 8 // bits
+  if cls != "decode":
+    return dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))
+  if op == "fwd":
+    tiles = -(-n // cfg.block_n)
+  else:
+    tiles = max(1, (k // cpw) // cfg.block_k)
+  split = 1
+  while split < MAX_SPLIT and tiles * split < DECODE_TARGET_PROGRAMS:
+    split *= 2
+  return dataclasses.replace(cfg, split_k=split)

@@ -37,7 +37,7 @@ CASES = [
 ]
 SMALL_TILES = [
     tuning.TuningConfig(block_m=16, block_n=16, block_k=128,
-                        scale_mode="activations"),
+                        scale_mode="activations", split_k=2),
     tuning.TuningConfig(block_m=16, block_n=32, block_k=16,
                         scale_mode="weights"),
 ]
@@ -110,6 +110,25 @@ class _KernelCases:
     assert _rel(y, kq.reference(x, w)) < TOL
     assert _rel(dx, kq.reference_dx(dy, w)) < TOL
 
+  def test_split_contraction_matches_unsplit(self):
+    """Splitting K (fwd) / N (dx) over programs changes only the grid."""
+    w, x, dy = _inputs((4, 32, False, None, 3, 48, 128),
+                       seed=np.random.randint(1 << 30))
+    outs = []
+    for split in (1, 3):  # 3 does not divide the 4 word tiles / 3 row tiles
+      cfg = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
+                                split_k=split)
+      outs.append((kq.fwd(x, w, interpret=self.INTERPRET, tuning=cfg),
+                   kq.dx(dy, w, interpret=self.INTERPRET, tuning=cfg)))
+    assert _rel(outs[0][0], outs[1][0]) < TOL
+    assert _rel(outs[0][1], outs[1][1]) < TOL
+    assert _rel(outs[1][0], kq.reference(x, w)) < TOL
+
+
+@pytest.mark.gpu
+class TestQMatmulGpu(_KernelCases):
+  INTERPRET = False
+
   def test_scale_mode_paths_agree(self):
     """The two places to apply the scale compute the same product."""
     w, x, dy = _inputs((3, 64, False, None, 17, 40, 256),
@@ -122,11 +141,6 @@ class _KernelCases:
                    kq.dx(dy, w, interpret=self.INTERPRET, tuning=cfg)))
     assert _rel(outs[0][0], outs[1][0]) < TOL
     assert _rel(outs[0][1], outs[1][1]) < TOL
-
-
-@pytest.mark.gpu
-class TestQMatmulGpu(_KernelCases):
-  INTERPRET = False
 
   def test_qdot_pallas_path_matches_xla(self):
     w, x, dy = _inputs((4, 64, False, None, 64, 96, 512), seed=11)

@@ -32,7 +32,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       kind="text", train=str(DATA / "text" / "tinyshakespeare_input.txt"),
       eval="", limit=0, eval_limit=64, seq_len=128,
-      calib=str(DATA / "text" / "tinyshakespeare_input.txt")))
+      calib=str(DATA / "text" / "tinyshakespeare_input.txt"),
+      sampler="numpy", sample_seed=-1, holdout=0, add_bos=True))
 
   c.optimizer = "adamw"            # adamw | lion | lion_int8 | sgd
   c.learning_rate = 3e-3

@@ -44,7 +44,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Writes step `step` atomically (blocks until it is on disk)."""
+    """Writes step `step` atomically (blocks until it is on disk).
+
+    A step already on disk (e.g. an unreadable one that training resumed
+    before) is replaced.
+    """
+    if step in self.steps():
+      self._manager.delete(step)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                        force=True)

@@ -13,6 +13,9 @@ Formats read (paths under ../shared/data/tasks by default):
   gsm8k   JSONL of {"question", "answer"}.
   sst2    TSV `sentence<TAB>label` with a header; prompt
           "Review: <sentence>\\nSentiment:", completion " negative"/" positive".
+  dialogsum  JSONL of {"dialogue", "summary"} (dev) or {"dialogue",
+          "summary1".."summary3"} (test: the first reference is trained on);
+          prompt "Dialogue:\\n<dialogue>\\nSummary:", completion " <summary>".
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import csv
 import dataclasses
 import json
 import pathlib
+import random
 from typing import Protocol, Sequence
 
 import jax
@@ -76,6 +80,10 @@ def sst2_prompt(sentence: str) -> str:
   return f"Review: {sentence.strip()}\nSentiment:"
 
 
+def dialogsum_prompt(dialogue: str) -> str:
+  return f"Dialogue:\n{dialogue.strip()}\nSummary:"
+
+
 def read_json_records(path: str | pathlib.Path) -> list[dict]:
   """A JSON list or JSON-lines file as a list of dicts."""
   text = _require(path).read_text(encoding="utf-8")
@@ -94,16 +102,24 @@ def read_sst2(path: str | pathlib.Path) -> list[tuple[str, int]]:
 
 
 def load_examples(kind: str, path: str | pathlib.Path, *, split: str = "train",
-                  limit: int | None = None, seed: int = 0) -> list[Example]:
+                  limit: int | None = None, seed: int = 0,
+                  sampler: str = "numpy", holdout: int = 0) -> list[Example]:
   """Reads one of the supported task formats as prompt/completion pairs.
 
   Args:
-    kind: "text", "alpaca", "gsm8k" or "sst2".
+    kind: "text", "alpaca", "gsm8k", "sst2" or "dialogsum".
     path: the file.
-    split: for "text", which part ("train" or "eval") of the file to use.
-    limit: keep this many examples, drawn with `random.Random(seed)`-style
-      shuffling (numpy generator seeded with `seed`) when the file has more.
+    split: for "text", which part ("train" or "eval") of the file to use;
+      for the other kinds with `holdout > 0`, "train" drops the last
+      `holdout` records and "eval" keeps only them.
+    limit: keep this many examples (in file order) when there are more.
     seed: seed of that draw.
+    sampler: how the `limit` examples are drawn: "numpy" (the first `limit`
+      of `np.random.default_rng(seed).permutation(n)`) or "python" (the first
+      `limit` indices after `random.Random(seed).shuffle(list(range(n)))`,
+      which is the same subset as shuffling the rows themselves: the SST-2
+      peer protocol in ../shared/design/device-notes.md).
+    holdout: number of trailing records held out (see `split`).
   """
   if kind == "text":
     text = _require(path).read_text(encoding="utf-8")
@@ -120,23 +136,42 @@ def load_examples(kind: str, path: str | pathlib.Path, *, split: str = "train",
   elif kind == "sst2":
     examples = [Example(sst2_prompt(s), SST2_LABELS[y])
                 for s, y in read_sst2(path)]
+  elif kind == "dialogsum":
+    examples = [Example(dialogsum_prompt(r["dialogue"]),
+                        " " + r.get("summary", r.get("summary1", "")).strip())
+                for r in read_json_records(path)]
   else:
     raise ValueError(f"unknown dataset kind {kind!r}: choose text, alpaca, "
-                     "gsm8k or sst2")
+                     "gsm8k, sst2 or dialogsum")
+  if holdout:
+    if not 0 < holdout < len(examples) or split not in ("train", "eval"):
+      raise ValueError(f"holdout={holdout} with split={split!r} needs "
+                       f"0 < holdout < {len(examples)} and split train/eval")
+    examples = (examples[:-holdout] if split == "train"
+                else examples[-holdout:])
   if limit is not None and limit < len(examples):
-    order = np.random.default_rng(seed).permutation(len(examples))[:limit]
+    if sampler == "numpy":
+      order = np.random.default_rng(seed).permutation(len(examples))[:limit]
+    elif sampler == "python":
+      order = list(range(len(examples)))
+      random.Random(seed).shuffle(order)
+      order = order[:limit]
+    else:
+      raise ValueError(f"unknown sampler {sampler!r}: numpy or python")
     examples = [examples[i] for i in sorted(order)]
   return examples
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer,
-                      seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+                      seq_len: int, *, add_bos: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray]:
   """Token rows `(R, seq_len + 1)` and their loss masks.
 
   Plain text (empty prompts) is concatenated and cut into non-overlapping
   windows of `seq_len + 1` tokens. Prompted examples become one row each:
-  `[bos] prompt completion [eos]`, truncated from the left of the prompt so the
-  completion survives, right-padded; the mask marks completion positions.
+  `[bos] prompt completion [eos]` (`bos` only with `add_bos` and a tokenizer
+  that has one), truncated from the left of the prompt so the completion
+  survives, right-padded; the mask marks completion positions.
   """
   if all(not e.prompt for e in examples):
     ids = np.concatenate([np.asarray(tokenizer.encode(e.completion), np.int32)
@@ -149,7 +184,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer,
     return rows, np.ones_like(rows, np.float32)
   rows = np.zeros((len(examples), seq_len + 1), np.int32)
   mask = np.zeros((len(examples), seq_len + 1), np.float32)
-  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   for i, e in enumerate(examples):
     p = bos + tokenizer.encode(e.prompt)
@@ -196,8 +231,12 @@ class TokenDataset:
 
 def build_dataset(kind: str, path: str | pathlib.Path, tokenizer: Tokenizer,
                   seq_len: int, *, split: str = "train",
-                  limit: int | None = None, seed: int = 0) -> TokenDataset:
+                  limit: int | None = None, seed: int = 0,
+                  sampler: str = "numpy", holdout: int = 0,
+                  add_bos: bool = True) -> TokenDataset:
+  """`load_examples` then `tokenize_examples` (see both for the arguments)."""
   rows, mask = tokenize_examples(
-      load_examples(kind, path, split=split, limit=limit, seed=seed),
-      tokenizer, seq_len)
+      load_examples(kind, path, split=split, limit=limit, seed=seed,
+                    sampler=sampler, holdout=holdout),
+      tokenizer, seq_len, add_bos=add_bos)
   return TokenDataset(rows, mask)

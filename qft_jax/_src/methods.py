@@ -220,21 +220,26 @@ def masked_method(mask: Any) -> train.Method:
     trainable, frozen = masks.split(params, mask)
     return trainable, lambda t: masks.combine(t, frozen)
 
-  def apply(params, trainable, updates, key):
-    del key
+  def apply(params, trainable, updates, key, step):
+    del key, step
     _, frozen = masks.split(params, mask)
     return masks.combine(optax.apply_updates(trainable, updates), frozen), {}
 
   return train.Method(view=view, apply=apply)
 
 
-def qft_method(rounding: str = "stochastic") -> train.Method:
+def qft_method(rounding: str = "stochastic", weight_decay: float = 0.0,
+               learning_rate: optax.ScalarOrSchedule = 0.0) -> train.Method:
   """QFT: gradients through weight probes, requantizing apply.
 
   The trainable view holds a zero probe `(L, N, K)` in place of each
   `QFTWeight` (its gradient is the dense dL/dW) and every other float leaf
   as is; the apply rule requantizes integer weights with stochastic rounding
-  and reports the fraction of int8 codes that changed.
+  and reports the fraction of int8 codes that changed. The optimizer sees
+  zero probes as the "params" of QFT weights, so decoupled weight decay for
+  them is applied here, `u <- u - lr_t * weight_decay * W`, with `W`
+  dequantized one matrix at a time (the optimizer's own decay still covers
+  the float leaves).
   """
 
   def view(params):
@@ -250,8 +255,14 @@ def qft_method(rounding: str = "stochastic") -> train.Method:
           params, t, is_leaf=lambda v: qft.is_qft_weight(v) or v is None)
     return trainable, rebuild
 
-  def apply(params, trainable, updates, key):
+  def apply(params, trainable, updates, key, step):
     del trainable
+    if weight_decay:
+      lr = learning_rate(step) if callable(learning_rate) else learning_rate
+      updates = jax.tree.map(
+          lambda p, u: u - lr * weight_decay * qft.qft_dequantize(
+              p, jnp.float32) if qft.is_qft_weight(p) else u,
+          params, updates, is_leaf=qft.is_qft_weight)
     new, changed = qft.qft_apply_updates(params, updates, key,
                                          rounding=rounding)
     return new, {"codes_changed": changed}
@@ -259,9 +270,11 @@ def qft_method(rounding: str = "stochastic") -> train.Method:
   return train.Method(view=view, apply=apply)
 
 
-def make_method(cfg: MethodConfig, params: dict) -> train.Method:
+def make_method(cfg: MethodConfig, params: dict, *, weight_decay: float = 0.0,
+                learning_rate: optax.ScalarOrSchedule = 0.0) -> train.Method:
+  """The view/apply pair of `cfg` (weight decay and lr matter for QFT)."""
   if cfg.name == "qft":
-    return qft_method(cfg.rounding)
+    return qft_method(cfg.rounding, weight_decay, learning_rate)
   if cfg.name == "hift":
     raise ValueError("hift trains through optim.hift.HiFT.make_step, not "
                      "make_method")

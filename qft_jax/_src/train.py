@@ -54,11 +54,11 @@ class Method:
     view: `params -> (trainable, rebuild)`; `trainable` is the float pytree
       the optimizer sees, `rebuild(trainable)` gives the params the model runs
       with (e.g. `combine(trainable, frozen)`).
-    apply: `(params, trainable, updates, key) -> (params, metrics)`, the
-      update rule (add updates; for QFT: requantize integer weights).
+    apply: `(params, trainable, updates, key, step) -> (params, metrics)`,
+      the update rule (add updates; for QFT: requantize integer weights).
   """
   view: Callable[[Any], tuple[Any, Callable[[Any], Any]]]
-  apply: Callable[[Any, Any, Any, jax.Array], tuple[Any, dict]]
+  apply: Callable[[Any, Any, Any, jax.Array, jax.Array], tuple[Any, dict]]
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -91,7 +91,8 @@ def _all_finite(tree: Any) -> jax.Array:
 def make_train_step(apply_fn: ApplyFn, method: Method,
                     optimizer: optax.GradientTransformation, *,
                     accum_steps: int = 1, skip_nonfinite: bool = True,
-                    donate: bool = True) -> Callable[[TrainState, Batch],
+                    donate: bool = True, shardings: tuple[Any, Any] | None = None
+                    ) -> Callable[[TrainState, Batch],
                                                      tuple[TrainState, dict]]:
   """Builds `step(state, batch) -> (state, metrics)`, jitted.
 
@@ -106,6 +107,10 @@ def make_train_step(apply_fn: ApplyFn, method: Method,
       update is applied and the launcher is expected to stop on
       `metrics["finite"] == 0`.
     donate: donate the state buffers so XLA updates them in place.
+    shardings: optional `(state_shardings, batch_sharding)` (see
+      `sharding.train_step_shardings`): the step is jitted with these input
+      shardings and returns the state with the same shardings, so it runs
+      SPMD over their mesh without resharding between steps.
 
   Returns:
     The jitted step. Metrics: loss, tokens, grad_norm, finite, plus the
@@ -141,7 +146,8 @@ def make_train_step(apply_fn: ApplyFn, method: Method,
     loss = nll / denom
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     rng, key = jax.random.split(state.rng)
-    params, apply_metrics = method.apply(state.params, trainable, updates, key)
+    params, apply_metrics = method.apply(state.params, trainable, updates, key,
+                                         state.step)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(
@@ -155,7 +161,12 @@ def make_train_step(apply_fn: ApplyFn, method: Method,
                    finite=finite.astype(jnp.int32), **apply_metrics)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  donate_argnums = (0,) if donate else ()
+  if shardings is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  state_sh, batch_sh = shardings
+  return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, None), donate_argnums=donate_argnums)
 
 
 def make_eval_step(apply_fn: ApplyFn) -> Callable[[Any, Batch],

@@ -375,13 +375,20 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def _logical_shape(x) -> tuple[int, ...]:
   if isinstance(x, qmatmul.WeightWithProbe):
     x = x.q
-  if isinstance(x, qa.QArray):
+  if isinstance(x, qa.QArray) or _is_composite(x):
     return tuple(x.batch_shape) + tuple(x.shape)
   return tuple(np.shape(x))
 
 
+def _is_composite(x) -> bool:
+  """A kernel object with its own matmul and logical shape (QFT weights)."""
+  return (hasattr(x, "apply_linear") and hasattr(x, "batch_shape")
+          and hasattr(x, "shape"))
+
+
 def _is_leaf(x) -> bool:
-  return isinstance(x, (qa.QArray, qmatmul.WeightWithProbe))
+  return (isinstance(x, (qa.QArray, qmatmul.WeightWithProbe))
+          or _is_composite(x))
 
 
 def check_params(params: dict, config: LlamaConfig) -> None:

@@ -18,6 +18,7 @@ layer-wise objective, `C = 2 X_fp^T X / n` (see `protocol.LayerStats`).
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -75,13 +76,57 @@ def calibration_segments(token_ids: Sequence[int], num_segments: int,
   return ids[:windows * seq_len].reshape(windows, seq_len)[np.sort(pick)]
 
 
-def text_segments(tokenizer, path, num_segments: int, seq_len: int,
-                  seed: int = 0) -> np.ndarray:
-  """`calibration_segments` of a text file encoded as one string, no BOS."""
+def _strings(record) -> list[str]:
+  if isinstance(record, str):
+    return [record] if record.strip() else []
+  if isinstance(record, dict):
+    return [s for v in record.values() for s in _strings(v)]
+  if isinstance(record, list):
+    return [s for v in record for s in _strings(v)]
+  return []
+
+
+def read_calibration_text(path) -> str:
+  """The text of a calibration file.
+
+  `.txt` (and other suffixes): the file as is. `.json` / `.jsonl`: the string
+  fields of each record joined by newlines, records separated by a blank
+  line (Alpaca, GSM8K, DialogSum). `.tsv`: the first column of each row
+  after the header (SST-2 sentences).
+  """
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"calibration file not found: {path}")
-  ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_bos=False)
+  text = path.read_text(encoding="utf-8")
+  if path.suffix == ".json":
+    records = json.loads(text)
+  elif path.suffix == ".jsonl":
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+  elif path.suffix == ".tsv":
+    return "\n".join(line.split("\t")[0] for line in text.splitlines()[1:])
+  else:
+    return text
+  if not isinstance(records, list):
+    records = [records]
+  return "\n\n".join("\n".join(_strings(r)) for r in records)
+
+
+def text_segments(tokenizer, paths, num_segments: int, seq_len: int,
+                  seed: int = 0) -> np.ndarray:
+  """`calibration_segments` of one or more calibration files.
+
+  Args:
+    tokenizer: has `encode(text, add_bos=False)`.
+    paths: a path, a comma-separated string of paths, or a list; each file
+      (`read_calibration_text`) is encoded as one string without BOS and the
+      token streams are concatenated.
+    num_segments, seq_len, seed: see `calibration_segments`.
+  """
+  if isinstance(paths, (str, pathlib.Path)):
+    paths = [p for p in str(paths).split(",") if p]
+  ids = []
+  for path in paths:
+    ids += tokenizer.encode(read_calibration_text(path), add_bos=False)
   return calibration_segments(ids, num_segments, seq_len, seed)
 
 
