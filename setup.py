@@ -37,6 +37,10 @@ setuptools.setup(
             "hypothesis>=6.100",
             "torch>=2.4",
             "rouge-score>=0.1.2",
+            "matplotlib>=3.8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )

@@ -47,6 +47,10 @@ _IN_PROCESS = flags.DEFINE_bool(
     "in_process", False, "Run every cell in this process.")
 _FORCE = flags.DEFINE_bool(
     "force", False, "Re-run cells whose JSON already exists.")
+_TIME_BUDGET = flags.DEFINE_float(
+    "time_budget_s", 0.0, "Start no new cell after this many seconds (0: no "
+    "limit), so a time-limited session ends between cells; run the same "
+    "command again to continue.")
 
 
 def _split(text: str) -> list[str]:
@@ -107,9 +111,10 @@ def task_eval(c, task: str):
   spec = c.tasks_table[task].eval.to_dict()
   fn = getattr(tasks_lib, spec.pop("fn"))
   path = spec.pop("path")
-  if fn is not tasks_lib.heldout_perplexity:
+  accepts = inspect.signature(fn).parameters
+  if "add_bos" in accepts:
     spec["add_bos"] = c.add_bos
-  if c.eval_limit and "limit" in inspect.signature(fn).parameters:
+  if c.eval_limit and "limit" in accepts:
     spec["limit"] = c.eval_limit
   spec["batch_size"] = spec.get("batch_size", c.eval_batch_size)
 
@@ -221,14 +226,24 @@ def is_done(path: pathlib.Path) -> bool:
     return False
 
 
-def run_grid(c, *, in_process: bool, force: bool = False, log=print) -> dict:
-  """Runs every pending cell; returns `{"done", "skipped", "failed"}` ids."""
-  report = {"done": [], "skipped": [], "failed": []}
+def run_grid(c, *, in_process: bool, force: bool = False,
+             time_budget_s: float = 0.0, log=print) -> dict:
+  """Runs every pending cell.
+
+  Returns:
+    `{"done", "skipped", "failed", "pending"}` lists of `task/method/seed`
+    ids; "pending" cells were not started because `time_budget_s` ran out.
+  """
+  report = {"done": [], "skipped": [], "failed": [], "pending": []}
   todo = cells(c)
+  start = time.time()
   for i, (task, method, seed) in enumerate(todo):
     cell_id = f"{task}/{method}/{seed}"
     if not force and is_done(cell_json(c, task, method, seed)):
       report["skipped"].append(cell_id)
+      continue
+    if time_budget_s and time.time() - start > time_budget_s:
+      report["pending"].append(cell_id)
       continue
     log(f"[{i + 1}/{len(todo)}] {cell_id}")
     if in_process:
@@ -253,8 +268,12 @@ def main(argv):
       print(record["error"], file=sys.stderr)
       sys.exit(1)
     return
-  report = run_grid(c, in_process=_IN_PROCESS.value, force=_FORCE.value)
+  report = run_grid(c, in_process=_IN_PROCESS.value, force=_FORCE.value,
+                    time_budget_s=_TIME_BUDGET.value)
   print(json.dumps({k: len(v) for k, v in report.items()}))
+  if report["pending"]:
+    print(f"time budget spent: {len(report['pending'])} cells pending; run "
+          "the same command again to continue", file=sys.stderr)
   if report["failed"]:
     print("failed cells: " + ", ".join(report["failed"]), file=sys.stderr)
     sys.exit(1)

@@ -1,11 +1,12 @@
 """Block sizes, warps and pipelining depth of the quantized-matmul kernels.
 
 A `TuningConfig` is static (frozen, hashable): one compiled kernel per config.
-`choose(...)` picks one per shape class from a small table, measured on an
-H100 (see docs_internal/kernels.md): decode (M <= 16) is bound by the bytes of
-the packed weight, so its tiles are thin in M and narrow in N to spread the
-weight over every SM; prefill / training (M >= 256) is bound by the matrix
-units, so its tiles are the large square ones of a bf16 GEMM.
+`choose(...)` picks one per shape class from a small table chosen by a sweep
+on an H100 (docs_internal/kernels.md, experiments/results/kernels_h100_*):
+decode (M <= 16) should be bound by the bytes of the packed weight, so its
+tiles are thin in M and narrow in N and the contraction is split until about
+a thousand programs share the GPU; prefill / training (M >= 256) should be
+bound by the matrix units, so its tiles are the large ones of a bf16 GEMM.
 
 Word tiles. The kernels walk K in tiles of `block_k` packed *words* per plane
 (a word holds `codes_per_word` codes, see qft_jax/_src/qarray.py), so one step

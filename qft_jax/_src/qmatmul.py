@@ -60,9 +60,20 @@ class WeightWithProbe:
   probe: jax.Array
 
 
+# With `implementation=None` the Pallas kernels are used only where they were
+# measured faster than XLA's dequantize-then-matmul on the H100 (decode-sized
+# M; experiments/results/kernels_h100_2026-11-27.json): at M >= 256 and for
+# the 3-bit input gradient XLA wins today.
+AUTO_PALLAS_MAX_M = 16
+
+
 def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
                 gate: str = "can_use") -> bool:
   if implementation == "xla":
+    return False
+  if implementation is None and (
+      x2d.shape[0] > AUTO_PALLAS_MAX_M
+      or (gate == "can_use_dx" and w.bits == 3)):
     return False
   try:
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top

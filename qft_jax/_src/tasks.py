@@ -76,6 +76,21 @@ def _length_batches(lengths: Sequence[int], batch_size: int):
     yield np.concatenate([idx, np.full(batch_size - n_real, idx[0])]), n_real
 
 
+def _encode_prompts(tokenizer, prompts: Sequence[str], add_bos: bool,
+                    max_prompt_tokens: int | None) -> list[list[int]]:
+  """`[bos] + ids` per prompt, keeping the last `max_prompt_tokens` in all."""
+  if add_bos and tokenizer.bos_id is None:
+    raise ValueError("add_bos=True but the tokenizer has no BOS token")
+  bos = [tokenizer.bos_id] if add_bos else []
+  out = []
+  for p in prompts:
+    ids = tokenizer.encode(p)
+    if max_prompt_tokens is not None:
+      ids = ids[-(max_prompt_tokens - len(bos)):]
+    out.append(bos + ids)
+  return out
+
+
 # --------------------------------------------------------------------------
 # Classification by label logits (SST-2)
 
@@ -127,10 +142,7 @@ def label_accuracy(params: dict, config: llama.LlamaConfig, tokenizer,
     raise ValueError(f"need as many labels as prompts (>0), got "
                      f"{len(prompts)} prompts and {len(labels)} labels")
   label_ids = jnp.asarray(label_token_ids(tokenizer, label_words), jnp.int32)
-  bos = [tokenizer.bos_id] if add_bos else []
-  if add_bos and tokenizer.bos_id is None:
-    raise ValueError("add_bos=True but the tokenizer has no BOS token")
-  seqs = [bos + tokenizer.encode(p) for p in prompts]
+  seqs = _encode_prompts(tokenizer, prompts, add_bos, None)
   if min(len(s) for s in seqs) == 0:
     raise ValueError("a prompt encodes to no tokens")
   preds = np.zeros(len(seqs), np.int64)
@@ -255,20 +267,6 @@ def greedy_generate(params: dict, config: llama.LlamaConfig,
         ids = ids[:ids.index(eos_id)]
       results[idx[row]] = ids
   return results
-
-
-def _encode_prompts(tokenizer, prompts: Sequence[str], add_bos: bool,
-                    max_prompt_tokens: int | None) -> list[list[int]]:
-  if add_bos and tokenizer.bos_id is None:
-    raise ValueError("add_bos=True but the tokenizer has no BOS token")
-  bos = [tokenizer.bos_id] if add_bos else []
-  out = []
-  for p in prompts:
-    ids = tokenizer.encode(p)
-    if max_prompt_tokens is not None:
-      ids = ids[-(max_prompt_tokens - len(bos)):]
-    out.append(bos + ids)
-  return out
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:

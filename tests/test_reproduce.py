@@ -1,0 +1,75 @@
+"""experiments/reproduce.py and make_tables.py on a CPU-sized grid."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+from conftest import shared_path
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from experiments import make_tables  # pylint: disable=g-import-not-at-top
+from experiments import reproduce  # pylint: disable=g-import-not-at-top
+from experiments.configs import reproduce as configs  # pylint: disable=g-import-not-at-top
+
+
+def test_cell_config_layers_task_then_method_then_seed():
+  c = configs.get_config("gpu")
+  f = reproduce.cell_config(c, "sst2", "qft", 2)
+  assert (f.model, f.steps, f.batch_size, f.warmup_steps) == ("smollm2", 250,
+                                                              16, 20)
+  assert (f.data.limit, f.data.sampler, f.data.sample_seed) == (4000,
+                                                                "python", 0)
+  assert not f.data.add_bos and f.schedule == "linear"
+  assert (f.method.name, f.optimizer, f.learning_rate) == ("qft", "lion_int8",
+                                                           5e-6)
+  assert f.seed == 2 and f.workdir.endswith("sst2/qft_s2")
+  f = reproduce.cell_config(c, "dialogsum", "modulora_gptq3", 0)
+  assert (f.method.name, f.method.quantizer, f.method.bits,
+          f.method.group_size) == ("modulora", "gptq", 3, 64)
+  assert f.data.kind == "dialogsum" and f.optimizer == "adamw"
+
+
+def test_cells_reject_unknown_names():
+  c = configs.get_config("cpu")
+  c.methods = "lora,nope"
+  with pytest.raises(ValueError, match="unknown method preset 'nope'"):
+    reproduce.cells(c)
+
+
+def test_steady_tokens_per_second_excludes_the_first_interval():
+  # 100 tokens/step; the first logged step took 10 s (compile), the next
+  # four 1 s each: the cumulative rate is logged, the steady rate is 100/s.
+  steps, clock = [1, 2, 3, 4, 5], [10.0, 11.0, 12.0, 13.0, 14.0]
+  rates = [s * 100 / t for s, t in zip(steps, clock)]
+  got = reproduce.steady_tok_per_s({"step": steps, "tok_per_s": rates}, 100)
+  assert got == pytest.approx(100.0)
+
+
+def test_grid_runs_resumes_and_tabulates(tmp_path):
+  shared_path("models", "stories260K", "stories260K.bin")
+  c = configs.get_config("cpu")
+  c.methods, c.tasks, c.seeds = "zeroshot,lora", "sst2", "0,1"
+  c.results_dir, c.work_dir = str(tmp_path / "res"), str(tmp_path / "work")
+  c.max_steps, c.eval_limit = 2, 8
+  logs = []
+  report = reproduce.run_grid(c, in_process=True, log=logs.append)
+  assert report == {"done": ["sst2/zeroshot/0", "sst2/zeroshot/1",
+                             "sst2/lora/0", "sst2/lora/1"],
+                    "skipped": [], "failed": [], "pending": []}
+  rec = json.loads((tmp_path / "res" / "sst2" / "lora_s1.json").read_text())
+  assert rec["task_metrics"]["n"] == 8 and rec["summary"]["steps"] == 2
+  assert rec["curve"]["train"]["step"] == [1, 2] and rec["seed"] == 1
+  again = reproduce.run_grid(c, in_process=True, log=logs.append)
+  assert again["skipped"] == report["done"] and not again["done"]
+
+  md = make_tables.make_report(tmp_path / "res", tmp_path / "out")
+  accs = [json.loads((tmp_path / "res" / "sst2" / f"lora_s{s}.json")
+                     .read_text())["task_metrics"]["accuracy"] * 100
+          for s in (0, 1)]
+  row = next(l for l in md.splitlines() if l.startswith("| lora | float32"))
+  assert f"{sum(accs) / 2:.2f} ± " in row and "(2)" in row
+  assert (tmp_path / "out" / "loss_sst2.png").stat().st_size > 1000
+  assert (tmp_path / "out" / "memory_sst2.png").exists()
