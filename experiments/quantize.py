@@ -69,6 +69,10 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Result JSON path.")
 _SAVE_DIR = flags.DEFINE_string("save_dir", None,
                                 "Where to save the quantized params.")
 _ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ act-order.")
+_DAMP = flags.DEFINE_float("damp", 0.01, "GPTQ relative damping.")
+_LOAD_DIR = flags.DEFINE_string(
+    "load_dir", None, "Start from params saved by --save_dir (skips "
+    "quantizing; use with --merge to fold a trained LoRA into its base).")
 _DOUBLE_QUANT = flags.DEFINE_bool("double_quant", False,
                                   "NF4 double quantization of the scales.")
 _RANK = flags.DEFINE_integer("rank", 64, "LoRA rank (apiq, apiq_lw, loftq).")
@@ -140,7 +144,8 @@ def calibrate(config, source, make_x0):
   log = lambda s: print(s[:300], flush=True)
   if name == "gptq":
     quantizer = gptq.GPTQ(gptq.GPTQConfig(
-        bits=_BITS.value, group_size=_GROUP.value, act_order=_ACT_ORDER.value))
+        bits=_BITS.value, group_size=_GROUP.value, act_order=_ACT_ORDER.value,
+        damp=_DAMP.value))
     layers, reports = cal.sequential(
         config, source, make_x0(),
         cal.quantize_layer_with(config, quantizer, batch_size=_BATCH.value,
@@ -262,7 +267,21 @@ def main(argv):
   if _QUANTIZER.value in ("apiq", "apiq_lw", "loftq"):
     config = dataclasses.replace(config, lora_alpha=_ALPHA.value)
   tokenizer = loading.load_tokenizer(_MODEL.value)
-  quantized, extra = quantize(config, params, tokenizer)
+  name = _QUANTIZER.value
+  header = {"quantizer": name,
+            "bits": None if name == "none" else (4 if name == "nf4"
+                                                 else _BITS.value),
+            "group_size": None if name == "none" else _GROUP.value}
+  if _LOAD_DIR.value:
+    loaded, meta = protocol.load_params(_LOAD_DIR.value)
+    quantized = jax.tree.map(jnp.asarray, loaded)
+    header = {k: meta.get(k) for k in header}
+    name = header["quantizer"]
+    if "alpha" in meta:
+      config = dataclasses.replace(config, lora_alpha=meta["alpha"])
+    extra = {"loaded_from": _rel(_LOAD_DIR.value)}
+  else:
+    quantized, extra = quantize(config, params, tokenizer)
   del params
   quantize_seconds = time.time() - start
   ids = evaluate.text_token_ids(tokenizer, _DATASET.value)
@@ -270,11 +289,8 @@ def main(argv):
                                windows=_WINDOWS.value,
                                batch_size=_BATCH.value)
   print(f"ppl {result['ppl']:.4f}", flush=True)
-  calibrated = _QUANTIZER.value in ("gptq", "apiq", "apiq_lw")
-  out = {"model": _MODEL.value, "quantizer": _QUANTIZER.value,
-         "bits": None if _QUANTIZER.value == "none" else
-                 (4 if _QUANTIZER.value == "nf4" else _BITS.value),
-         "group_size": None if _QUANTIZER.value == "none" else _GROUP.value,
+  calibrated = not _LOAD_DIR.value and name in ("gptq", "apiq", "apiq_lw")
+  out = {"model": _MODEL.value, **header,
          "calib": _rel(_CALIB.value) if calibrated or _MERGE.value != "none"
                   else None,
          "dataset": _rel(_DATASET.value), "windows": _WINDOWS.value,
@@ -282,9 +298,9 @@ def main(argv):
   if calibrated:
     out.update(calib_segments=_CALIB_SEGMENTS.value,
                calib_seq_len=_CALIB_SEQ_LEN.value)
-  if _QUANTIZER.value == "gptq":
-    out["act_order"] = _ACT_ORDER.value
-  if _QUANTIZER.value == "nf4":
+  if name == "gptq" and not _LOAD_DIR.value:
+    out.update(act_order=_ACT_ORDER.value, damp=_DAMP.value)
+  if name == "nf4" and not _LOAD_DIR.value:
     out["double_quant"] = _DOUBLE_QUANT.value
   out.update(extra)
   out["quantize_seconds"] = round(quantize_seconds, 1)

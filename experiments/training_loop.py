@@ -23,6 +23,7 @@ import tqdm
 from qft_jax._src import checkpoint as ckpt_lib
 from qft_jax._src import data as data_lib
 from qft_jax._src import methods
+from qft_jax._src import sharding
 from qft_jax._src import train
 from qft_jax._src.models import llama
 from qft_jax._src.models import loading
@@ -120,23 +121,33 @@ class Trainer:
   init: Any
 
   @staticmethod
-  def build(c, mcfg, params, config) -> "Trainer":
+  def build(c, mcfg, params, config, mesh) -> "Trainer":
+    """Steps and init over `mesh`: `init` places the params by the
+    sharding rules; steps take host batches and split them over the mesh."""
     apply_fn = lambda p, tokens: llama.Llama(config).apply({"params": p},
                                                             tokens)
     lr = methods.schedule(c.schedule, c.learning_rate, c.steps,
                           c.warmup_steps)
     make_tx = lambda lr_: methods.make_optimizer(
         c.optimizer, lr_, weight_decay=c.weight_decay)
-    eval_step = train.make_eval_step(apply_fn)
+    eval_jit = train.make_eval_step(apply_fn)
+    eval_step = lambda p, b: eval_jit(p, sharding.shard_batch(b, mesh))
+    param_sh = sharding.param_shardings(params, mesh)
     if mcfg.name != "hift":
       method = methods.make_method(mcfg, params, weight_decay=c.weight_decay,
                                    learning_rate=lr)
       tx = make_tx(lr)
-      step = train.make_train_step(apply_fn, method, tx,
-                                   accum_steps=c.accum_steps,
-                                   skip_nonfinite=c.on_nonfinite == "skip")
-      return Trainer(step, eval_step,
-                     lambda p: train.init_state(p, method, tx, c.seed))
+      init = lambda p: train.init_state(p, method, tx, c.seed)
+      shardings = sharding.train_step_shardings(jax.eval_shape(init, params),
+                                                mesh)
+      step_jit = train.make_train_step(apply_fn, method, tx,
+                                       accum_steps=c.accum_steps,
+                                       skip_nonfinite=c.on_nonfinite == "skip",
+                                       shardings=shardings)
+      return Trainer(
+          lambda s, b: step_jit(s, sharding.shard_batch(b, mesh)), eval_step,
+          lambda p: jax.jit(init, out_shardings=shardings[0])(
+              sharding.place(p, param_sh)))
     schedule = hift_lib.HiFTSchedule(
         hift_lib.hift_units(params), group_size=c.hift.group_size,
         order=c.hift.order, seed=c.seed, lr_mode=c.hift.lr_mode)
@@ -149,6 +160,7 @@ class Trainer:
     hift_step = hift.make_step(loss_fn)
 
     def step(state: train.TrainState, batch: data_lib.Batch):
+      batch = sharding.shard_batch(batch, mesh)
       params, opt, loss = hift_step(state.params, state.opt_state,
                                     int(state.step), batch.tokens,
                                     batch.targets, batch.loss_mask)
@@ -160,9 +172,11 @@ class Trainer:
       return new, {"loss": loss, "finite": int(finite),
                    "group": schedule.group(int(state.step))}
 
-    init = lambda p: train.TrainState(
-        jnp.zeros((), jnp.int32), p, hift.init(p), jax.random.PRNGKey(c.seed),
-        jnp.zeros((), jnp.int32))
+    def init(p):
+      p = sharding.place(p, param_sh)
+      return train.TrainState(
+          jnp.zeros((), jnp.int32), p, hift.init(p),
+          jax.random.PRNGKey(c.seed), jnp.zeros((), jnp.int32))
     return Trainer(step, eval_step, init)
 
 
@@ -199,7 +213,10 @@ def setup(c: ml_collections.ConfigDict, *, log=print) -> Setup:
       calib_tokens=calib, log=log)
   log(f"method {mcfg.name}: {methods.trainable_count(mcfg, params):,} "
       "trainable parameters")
-  trainer = Trainer.build(c, mcfg, params, config)
+  mesh = sharding.make_mesh(c.mesh)
+  log(f"mesh {sharding.mesh_sizes(mesh)} over {mesh.size} "
+      f"{jax.default_backend()} device(s)")
+  trainer = Trainer.build(c, mcfg, params, config, mesh)
   return Setup(mcfg, config, tokenizer, trainer, trainer.init(params))
 
 
@@ -210,7 +227,7 @@ def restore(c: ml_collections.ConfigDict, state: train.TrainState, *,
     return state, None
   checkpointer = ckpt_lib.Checkpointer(c.checkpoint_dir,
                                        keep=c.keep_checkpoints)
-  restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+  restored = checkpointer.restore_latest(sharding.abstract(state))
   if restored is not None:
     step0, state, _ = restored
     log(f"resumed from step {step0} ({checkpointer.directory})")

@@ -19,6 +19,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   c.model = str(DATA / "models" / "stories260K" / "stories260K.bin")
   c.dtype = "float32"              # activations and float params
   c.remat = "none"                 # or "full", "dots_saveable", ...
+  c.mesh = ""                      # "fsdp:4", "data:2,fsdp:-1,tensor:1"...;
+                                   # empty: every device on one fsdp axis
 
   c.method = ml_collections.ConfigDict(dict(
       name="qlora", bits=4, group_size=-1, quantizer="gptq", lora_rank=8,

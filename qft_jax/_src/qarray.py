@@ -433,8 +433,7 @@ def random_qarray(key: jax.Array, shape: tuple[int, ...], config: QuantConfig,
   """
   spec = abstract_qarray(shape, config, dtype)
   kq, ks, kz = jax.random.split(key, 3)
-  qvalue = jax.random.randint(kq, spec.qvalue.shape, 0, 256, jnp.int32
-                              ).astype(jnp.uint8)
+  qvalue = jax.random.bits(kq, spec.qvalue.shape, jnp.uint8)
   levels = 2**config.bits - 1 if config.codebook is None else 1
   s = (scale / max(levels, 1)) * jax.random.uniform(
       ks, spec.scale.shape, jnp.float32, 0.5, 1.5)

@@ -102,8 +102,10 @@ def split(dim: int, *axes: str) -> Layout:
 REPLICATED = Layout()
 AUTO = Layout(auto=("fsdp",))
 
-_COLUMN = r"(^|/)layers/(attn/(q|k|v)|mlp/(gate|up))_proj/kernel$"
-_ROW = r"(^|/)layers/(attn/o|mlp/down)_proj/kernel$"
+# Not anchored at `layers/`: the streamed step's per-layer optimizer states
+# (`layers/<field>/attn/q_proj/kernel`) and unstacked layers match too.
+_COLUMN = r"(^|/)(attn/(q|k|v)|mlp/(gate|up))_proj/kernel$"
+_ROW = r"(^|/)(attn/o|mlp/down)_proj/kernel$"
 
 Rules = Sequence[tuple[str, Layout]]
 

@@ -135,14 +135,17 @@ def make_train_step(apply_fn: ApplyFn, method: Method,
       g_acc, nll_acc, n_acc = carry
       (nll, n), g = jax.value_and_grad(loss_sum, has_aux=True)(
           trainable, rebuild, *mb)
-      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
       return (g_acc, nll_acc + nll, n_acc + n), None
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    # Accumulate in float32; hand the optimizer gradients in the params'
+    # dtypes so optimizer states never change dtype between steps.
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
     (g_sum, nll, ntok), _ = jax.lax.scan(
         body, (zeros, jnp.zeros(()), jnp.zeros(())),
         (micro(batch.tokens), micro(batch.targets), micro(batch.loss_mask)))
     denom = jnp.maximum(ntok, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum,
+                         trainable)
     loss = nll / denom
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     rng, key = jax.random.split(state.rng)

@@ -162,14 +162,16 @@ def _group_params(wg: jax.Array, qcfg: qa.QuantConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("qcfg", "block"))
-def _gptq_loop(w, u, group_of_pos, group_pos, qcfg: qa.QuantConfig,
-               block: int):
+def _gptq_loop(w, u, group_of_pos, group_pos, scales, zeros, started,
+               qcfg: qa.QuantConfig, block: int):
   """Column loop in permuted, padded coordinates.
 
   Args:
     w: float32 `(N, Kp)`; u: `(Kp, Kp)` upper factor; group_of_pos: int
       `(Kp,)` group of each position (`G` for padding); group_pos: int
-      `(G, g)` positions of each group's columns.
+      `(G, g)` positions of each group's columns; scales, zeros: float
+      `(N, G + 1)` group parameters, used as given where `started` `(G + 1,)`
+      is true and computed when the group starts otherwise.
 
   Returns:
     codes uint8 `(N, Kp)` (permuted), scales `(N, G)`, zeros `(N, G)` float.
@@ -177,9 +179,6 @@ def _gptq_loop(w, u, group_of_pos, group_pos, qcfg: qa.QuantConfig,
   n, kp = w.shape
   num_groups = group_pos.shape[0]
   qmax = 2**qcfg.bits - 1
-  scales = jnp.ones((n, num_groups + 1), jnp.float32)
-  zeros = jnp.zeros((n, num_groups + 1), jnp.float32)
-  started = jnp.zeros((num_groups + 1,), bool).at[num_groups].set(True)
   codes = jnp.zeros((n, kp), jnp.uint8)
 
   def block_body(b, carry):
@@ -228,13 +227,18 @@ def _gptq_loop(w, u, group_of_pos, group_pos, qcfg: qa.QuantConfig,
 
 
 def gptq_quantize(w: jax.Array, hessian: jax.Array,
-                  config: GPTQConfig = GPTQConfig()) -> qa.QArray:
+                  config: GPTQConfig = GPTQConfig(), *,
+                  grid: tuple[jax.Array, jax.Array | None] | None = None
+                  ) -> qa.QArray:
   """GPTQ-quantizes one weight `(N, K)` given its input Hessian `(K, K)`.
 
   Args:
     w: float weight (out, in).
     hessian: `2 X^T X / n` of the layer's calibration inputs.
     config: bits, group size, act-order, block size, damping.
+    grid: optional fixed `(scale, zero_point)` `(N, K // g)` (zero point
+      uint8, or None when symmetric); by default each group's min-max
+      parameters are computed when the group starts.
 
   Returns:
     A QArray with exactly the layout of `qarray.quantize` (asymmetric uint8
@@ -269,9 +273,26 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array,
   num_groups = k // g
   group_of_pos = np.concatenate([perm_np // g, np.full(pad, num_groups)])
   group_pos = inv.reshape(num_groups, g)
+  scales = jnp.ones((n, num_groups + 1), jnp.float32)
+  zeros = jnp.zeros((n, num_groups + 1), jnp.float32)
+  started = np.zeros(num_groups + 1, bool)
+  started[num_groups] = True
+  if grid is not None:
+    g_scale, g_zero = grid
+    if np.shape(g_scale) != (n, num_groups):
+      raise ValueError(f"grid scale has shape {np.shape(g_scale)}, expected "
+                       f"{(n, num_groups)}")
+    if (g_zero is None) != config.symmetric:
+      raise ValueError("grid zero point must be None exactly when symmetric")
+    g_zero = (jnp.full((n, num_groups), qa.implicit_zero_point(config.bits))
+              if g_zero is None else g_zero)
+    scales = scales.at[:, :num_groups].set(jnp.asarray(g_scale, jnp.float32))
+    zeros = zeros.at[:, :num_groups].set(jnp.asarray(g_zero, jnp.float32))
+    started[:] = True
   codes, scales, zeros = _gptq_loop(
       w_perm, u, jnp.asarray(group_of_pos, jnp.int32),
-      jnp.asarray(group_pos, jnp.int32), qcfg, block)
+      jnp.asarray(group_pos, jnp.int32), scales, zeros, jnp.asarray(started),
+      qcfg, block)
   codes = codes[:, :k][:, jnp.asarray(inv)]
   zero_point = None if config.symmetric else zeros.astype(jnp.uint8)
   return qa.QArray(

@@ -51,6 +51,51 @@ def _same_format(q: qa.QArray) -> qa.QuantConfig:
                         codebook=q.codebook, scale_dtype=jnp.float32)
 
 
+def refit_scales(q: qa.QArray, w: jax.Array, hessian: jax.Array,
+                 ridge: float = 1e-6, chunk: int = 64) -> qa.QArray:
+  """Least-squares scales for fixed codes: `min_s tr((W_hat - W) H (.)^T)`.
+
+  With codes fixed, row `n` of `W_hat` is linear in its group scales,
+  `W_hat[n] = sum_a s[n, a] P_a c[n]` (`c` the centered codes, `P_a` the
+  columns of group `a`), so the optimal scales solve, per row, the `G x G`
+  system
+
+      (A_n + l I) s_n = b_n + l s_n^old,
+      A_n[a, b] = c_a^T H_ab c_b,   b_n[a] = c_a^T (H w_n)_a,
+
+  with a small Tikhonov pull `l = ridge * mean(diag A_n)` towards the old
+  scales (groups whose codes all equal the zero point keep their scale).
+  Zero points and codes are unchanged; a non-positive solution keeps the
+  old scale.
+  """
+  n, k = q.shape
+  g, num_groups = q.group_size, q.num_groups
+  c = qa.centered_codes(q).reshape(n, num_groups, g)
+  w = jnp.asarray(w, jnp.float32).reshape(n, num_groups, g)
+  h = jnp.asarray(hessian, jnp.float32).reshape(num_groups, g, num_groups, g)
+  old = qa.dense_scale(q)
+  rows = -(-n // chunk) * chunk
+  pad = lambda a: jnp.pad(a, [(0, rows - n)] + [(0, 0)] * (a.ndim - 1))
+  hp = jax.lax.Precision.HIGHEST
+
+  def solve(args):
+    cr, wr, sr = args                                   # (R, G, g), (R, G)
+    t = jnp.einsum("aibj,rbj->raib", h, cr, precision=hp)
+    a = jnp.einsum("rai,raib->rab", cr, t, precision=hp)
+    hw = jnp.einsum("aibj,rbj->rai", h, wr, precision=hp)
+    b = jnp.einsum("rai,rai->ra", cr, hw, precision=hp)
+    lam = ridge * jnp.mean(jnp.diagonal(a, axis1=1, axis2=2), -1) + 1e-30
+    eye = jnp.eye(num_groups, dtype=jnp.float32)
+    s = jnp.linalg.solve(a + lam[:, None, None] * eye,
+                         (b + lam[:, None] * sr)[..., None])[..., 0]
+    return jnp.where(s > 0, s, sr)
+
+  split = lambda a: pad(a).reshape(rows // chunk, chunk, *a.shape[1:])
+  new = jax.lax.map(solve, (split(c), split(w), split(old)))
+  new = new.reshape(rows, num_groups)[:n]
+  return dataclasses.replace(q, scale=new.astype(q.scale.dtype))
+
+
 def requantize(w: jax.Array, like: qa.QArray, method: str,
                hessian: jax.Array | None = None,
                damp: float = 0.01) -> qa.QArray:

@@ -51,15 +51,6 @@ class LayerStats:
   cross: jax.Array | None = None
   num_tokens: int = dataclasses.field(default=0, metadata=dict(static=True))
 
-  def __post_init__(self):
-    shape = np.shape(self.hessian)
-    if len(shape) != 2 or shape[0] != shape[1]:
-      raise ValueError(f"LayerStats.hessian must be square (in, in), got "
-                       f"shape {shape}")
-    if self.cross is not None and np.shape(self.cross) != shape:
-      raise ValueError(f"LayerStats.cross has shape {np.shape(self.cross)}, "
-                       f"expected {shape} like the hessian")
-
 
 def layer_stats(x: jax.Array, x_fp: jax.Array | None = None) -> LayerStats:
   """`LayerStats` of inputs `x` `(..., in)` (float32 accumulation).
@@ -105,9 +96,13 @@ def check_call(quantizer: Any, w: Any, stats: LayerStats | None) -> None:
     if stats is None:
       raise ValueError(f"{type(quantizer).__name__} needs calibration "
                        "statistics (LayerStats) for every layer")
-    if np.shape(stats.hessian)[0] != np.shape(w)[1]:
+    k = np.shape(w)[1]
+    if np.shape(stats.hessian) != (k, k):
       raise ValueError(f"hessian is {np.shape(stats.hessian)} but the weight "
-                       f"has {np.shape(w)[1]} input columns")
+                       f"has {k} input columns (expected ({k}, {k}))")
+    if stats.cross is not None and np.shape(stats.cross) != (k, k):
+      raise ValueError(f"cross moments are {np.shape(stats.cross)}, "
+                       f"expected ({k}, {k})")
 
 
 @dataclasses.dataclass(frozen=True)
