@@ -33,6 +33,8 @@ Summary per row and n > 1:
 Writes `$OUT/multigpu_<gpu>_<date>.json` after every (row, n), so a run cut
 short keeps what finished. `--budget_s` stops launching new processes when
 the remaining time is short (one device call is at most 10 minutes).
+`stable_shardings` is true when no leaf changed layout during the timed
+steps (no recompilation inside the timing).
 """
 
 from __future__ import annotations
@@ -220,12 +222,15 @@ def run_one(name: str, n: int, tiny: bool, steps: int, warmup: int) -> dict:
     per_device_batch, seq = 2, 32
   config = model_config(model, tiny)
   mesh = sharding.make_mesh(f"fsdp:{n}")
+  # LoRA factors and their AdamW moments split too (`lora="fsdp"`): at 4+
+  # devices replicated LoRA state would dominate QLoRA's per-device bytes.
+  rules = sharding.default_rules(lora="fsdp")
   batch = per_device_batch * n
 
   t0 = time.time()
   makers = param_makers(config, method, opts, jax.random.PRNGKey(0))
   abstract = jax.tree.map(jax.eval_shape, makers)
-  shardings = sharding.param_shardings(abstract, mesh)
+  shardings = sharding.param_shardings(abstract, mesh, rules)
   params = jax.tree.map(lambda make, sh: jax.jit(make, out_shardings=sh)(),
                         makers, shardings)
   jax.block_until_ready(params)
@@ -248,16 +253,22 @@ def run_one(name: str, n: int, tiny: bool, steps: int, warmup: int) -> dict:
         layer_method=methods.qft_method("stochastic"),
         rest_method=methods.masked_method(all_true(rest)))
     init = lambda p: streamed.init_opt_states(spec, p, tx, tx)
-    opt_sh = sharding.state_shardings(jax.eval_shape(init, params), mesh)
+    opt_sh = sharding.state_shardings(jax.eval_shape(init, params), mesh,
+                                      rules)
     opt = jax.jit(init, out_shardings=opt_sh)(params)
+    # The streamed step is jitted without explicit shardings: XLA may move
+    # small leaves (norm scales) onto the mesh after the first step, which
+    # costs one more compile during warm-up; the layout is then fixed.
     step_fn = streamed.make_streamed_step(config, spec, tx, tx)
-    state = (params, opt, jax.random.PRNGKey(0))
-    want = jax.tree.map(lambda x: x.sharding, state)
+    rng = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    state = (params, opt, rng)
     del params, opt
 
     def one(state, i):
       p, o, r = state
-      p, o, r, m = step_fn(p, o, r, jnp.int32(i), batches[i % 3], None)
+      with sharding.compute_mesh(mesh):  # gather codes, not floats
+        p, o, r, m = step_fn(p, o, r, jnp.int32(i), batches[i % 3], None)
       return (p, o, r), m
   else:
     cfg = methods.MethodConfig(name=method, bits=opts["bits"],
@@ -267,9 +278,8 @@ def run_one(name: str, n: int, tiny: bool, steps: int, warmup: int) -> dict:
     apply_fn = lambda p, tok: llama.Llama(config).apply({"params": p}, tok)
     init = lambda p: train.init_state(p, method_obj, tx)
     step_sh = sharding.train_step_shardings(jax.eval_shape(init, params),
-                                            mesh)
+                                            mesh, rules)
     state = jax.jit(init, out_shardings=step_sh[0])(params)
-    want = step_sh[0]
     step_fn = train.make_train_step(apply_fn, method_obj, tx,
                                     shardings=step_sh)
     del params
@@ -283,6 +293,7 @@ def run_one(name: str, n: int, tiny: bool, steps: int, warmup: int) -> dict:
     state, metrics = one(state, i)
   jax.block_until_ready(metrics)
   compile_s = time.time() - t0
+  want = jax.tree.map(lambda x: x.sharding, state)
   times = []
   for i in range(warmup, warmup + steps):
     t = time.time()

@@ -161,9 +161,10 @@ class Trainer:
 
     def step(state: train.TrainState, batch: data_lib.Batch):
       batch = sharding.shard_batch(batch, mesh)
-      params, opt, loss = hift_step(state.params, state.opt_state,
-                                    int(state.step), batch.tokens,
-                                    batch.targets, batch.loss_mask)
+      with sharding.compute_mesh(mesh):
+        params, opt, loss = hift_step(state.params, state.opt_state,
+                                      int(state.step), batch.tokens,
+                                      batch.targets, batch.loss_mask)
       finite = bool(jnp.isfinite(loss))
       if not finite and c.on_nonfinite == "skip":
         params, opt = state.params, state.opt_state

@@ -278,6 +278,28 @@ def test_gptq_merge_beats_rtn_merge_and_keeps_format():
     merge.merge_linear(q, a, b, 2.0, "svd", h)
 
 
+def test_refit_scales_is_the_least_squares_solution():
+  rng = np.random.default_rng(10)
+  w = rng.standard_normal((6, 64)).astype(np.float32)
+  q = qa.quantize(jnp.asarray(w), qa.QuantConfig(bits=2, group_size=16))
+  x = rng.standard_normal((300, 64)).astype(np.float32)
+  h = protocol.layer_stats(jnp.asarray(x)).hessian
+  refit = merge.refit_scales(q, w, h, ridge=1e-9, chunk=4)
+  c = np.asarray(qa.centered_codes(q), np.float64)
+  x64 = x.astype(np.float64)
+  for n in range(6):
+    # Columns of the design matrix: X restricted to group a times codes.
+    design = np.stack([x64[:, a * 16:(a + 1) * 16] @ c[n, a * 16:(a + 1) * 16]
+                       for a in range(4)], 1)
+    want = np.linalg.lstsq(design, x64 @ w[n], rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(refit.scale[n]), want, rtol=1e-3)
+  before = protocol.proxy_loss(w, qa.dequantize(q), h)
+  after = protocol.proxy_loss(w, qa.dequantize(refit), h)
+  assert float(after) < float(before)
+  np.testing.assert_array_equal(qa.as_numpy_codes(refit),
+                                qa.as_numpy_codes(q))
+
+
 # ---------------------------------------------------------- calibration ----
 
 
@@ -346,6 +368,10 @@ def test_save_and_load_roundtrip(tmp_path, tiny_params):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="no spec.json"):
     protocol.load_params(tmp_path)
+  params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(
+      jnp.nan)
+  with pytest.raises(ValueError, match="non-finite values in final_norm"):
+    protocol.save_params(tmp_path / "bad", params)
 
 
 # ------------------------------------------- real model (slow, opt-in) ----

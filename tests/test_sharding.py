@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -241,6 +242,11 @@ def _worker_sharded(args, config, params, batch) -> dict:
                              ["q_proj"]["kernel"].sharding.spec),
         }
       else:
+        if name == "qlora" and spec == MESHES[name]:
+          step = step.lower(state, b).compile()
+          out["qlora_all_gathers"] = re.findall(
+              r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(",
+              step.as_text())
         state, losses = _train(state, step, b, STEPS)
       if name == "qlora" and spec == MESHES[name]:
         q = state.params["layers"]["mlp"]["up_proj"]["kernel"]
@@ -388,6 +394,21 @@ def test_quantized_fields_are_split_by_rows(reports):
   assert qft["mu"] == [None, "fsdp", None]
   assert qft["mu_scale"] == ["fsdp"]
   assert sharded["stable_shardings"]
+
+
+def test_fsdp_gathers_quantized_codes_not_floats(reports):
+  """Each decoder weight is all-gathered as uint8 codes before it is
+  dequantized (`sharding.gather_for_compute`), never as a float matrix."""
+  gathers = [(dtype, tuple(int(d) for d in dims.split(",") if d))
+             for dtype, dims in reports[0]["qlora_all_gathers"]]
+  # Decoder (out, in) of the tiny model: q/o (64, 64), k/v (32, 64),
+  # gate/up (128, 64), down (64, 128); codes pack `in` 2 per byte.
+  kernels = {(64, 64), (32, 64), (128, 64), (64, 128)}
+  floats = [g for g in gathers if g[0].startswith(("f", "bf"))
+            and g[1][-2:] in kernels]
+  assert not floats, f"float weights all-gathered: {floats}"
+  codes = {g[1][-2:] for g in gathers if g[0] == "u8"}
+  assert {(64, 32), (32, 32), (128, 32), (64, 64)} <= codes, gathers
 
 
 def test_checkpoint_from_4_devices_restores_on_1_and_continues(reports):

@@ -58,7 +58,8 @@ def linear_shapes(config: llama.LlamaConfig) -> list[tuple[int, int]]:
   return [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]
 
 
-def _quantized_bytes(n: int, k: int, bits: int, group: int, scale_bytes: int,
+def _quantized_bytes(n: int, k: int, bits: int, group: int,
+                     scale_bytes: float,
                      zero_point: bool) -> float:
   groups = n * k / (k if group == -1 else group)
   return n * k * bits / 8 + groups * (scale_bytes + (1 if zero_point else 0))
@@ -67,10 +68,10 @@ def _quantized_bytes(n: int, k: int, bits: int, group: int, scale_bytes: int,
 def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
          bits: int = 4, group_size: int = 64, lora_rank: int = 16,
          optimizer: str = "adamw", weight_bytes: int = 2,
-         scale_bytes: int = 2, zero_point: bool = True,
+         scale_bytes: float = 2, zero_point: bool = True,
          streamed: bool = False, hift_layers: int | None = None,
          outlier_fraction: float = 0.01, act_bytes: int = 2,
-         master_bytes: int = 4) -> Plan:
+         master_bytes: int = 4, loss_chunk: int | None = None) -> Plan:
   """Predicted peak memory of one training step.
 
   Args:
@@ -87,6 +88,8 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
     act_bytes: bytes per activation.
     master_bytes: bytes per trained float leaf outside the decoder (QFT
       and HiFT train embedding/head in float32).
+    loss_chunk: positions per chunk of a chunked head + cross-entropy
+      (`train.chunked_head_nll`), None for whole-sequence logits.
   """
   if optimizer not in OPTIMIZER_BYTES:
     raise ValueError(f"unknown optimizer {optimizer!r}")
@@ -118,18 +121,21 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
     gradients = scales * scale_bytes
     optimizer_bytes = scales * opt_b * scale_bytes / 4
   else:
+    # HiFT steps that train decoder layers leave the rest (and its state)
+    # alone; the embedding/head groups' steps are smaller than these.
     layers_trained = lnum if hift_layers is None else hift_layers
+    rest_trained = 0 if hift_layers is not None else rest
     dense_grad = 4 if method == "qft" else weight_bytes
     if streamed:
-      gradients = per_layer * dense_grad + rest * master_bytes
+      gradients = per_layer * dense_grad + rest_trained * master_bytes
     else:
-      gradients = linears * dense_grad + rest * master_bytes
-    optimizer_bytes = (layers_trained * per_layer + rest) * opt_b
+      gradients = linears * dense_grad + rest_trained * master_bytes
+    optimizer_bytes = (layers_trained * per_layer + rest_trained) * opt_b
   tokens = batch * seq_len
   saved = lnum * tokens * c.hidden_size * act_bytes
   layer_work = (tokens * (4 * c.hidden_size + 3 * c.intermediate_size)
                 * act_bytes + batch * c.num_heads * seq_len**2 * (4 + act_bytes))
-  logits = 3 * tokens * c.vocab_size * 4
+  logits = 3 * batch * (loss_chunk or seq_len) * c.vocab_size * 4
   workspace = 2 * max(n * k for n, k in shapes) * act_bytes
   return Plan(weights=int(w_lin + w_rest), trainable=int(trainable),
               gradients=int(gradients), optimizer=int(optimizer_bytes),

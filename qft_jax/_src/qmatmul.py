@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from qft_jax._src import qarray as qa
+from qft_jax._src import sharding
 
 TRAINABLE_MODES = ("none", "scale", "weight")
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -87,38 +88,52 @@ def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
   return ok
 
 
-def _forward(x2d: jax.Array, w: qa.QArray, implementation) -> jax.Array:
-  if _use_pallas(x2d, w, implementation):
+def _dense_weight(w: qa.QArray, sparse, dtype) -> jax.Array:
+  """The transient float weight `deq(W) + S` (S: sparse float outliers)."""
+  # Sharded (FSDP): all-gather the codes, not the dequantized floats.
+  w, sparse = sharding.gather_for_compute((w, sparse))
+  if sparse is None:
+    return qa.dequantize(w, dtype)
+  index, values = sparse
+  wd = qa.dequantize(w, jnp.float32).reshape(-1).at[index].add(values)
+  return wd.reshape(w.shape).astype(dtype)
+
+
+def _forward(x2d: jax.Array, w: qa.QArray, sparse, implementation
+             ) -> jax.Array:
+  if sparse is None and _use_pallas(x2d, w, implementation):
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
     return kernels.fwd(x2d, w)
-  wd = qa.dequantize(w, x2d.dtype)
+  wd = _dense_weight(w, sparse, x2d.dtype)
   return jnp.dot(x2d, wd.T, preferred_element_type=jnp.float32
                  ).astype(x2d.dtype)
 
 
-def _input_grad(dy2d: jax.Array, w: qa.QArray, implementation) -> jax.Array:
-  if _use_pallas(dy2d, w, implementation, gate="can_use_dx"):
+def _input_grad(dy2d: jax.Array, w: qa.QArray, sparse, implementation
+                ) -> jax.Array:
+  if sparse is None and _use_pallas(dy2d, w, implementation,
+                                    gate="can_use_dx"):
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
     return kernels.dx(dy2d, w)
-  wd = qa.dequantize(w, dy2d.dtype)
+  wd = _dense_weight(w, sparse, dy2d.dtype)
   return jnp.dot(dy2d, wd, preferred_element_type=jnp.float32
                  ).astype(dy2d.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qdot2d(config: QDotConfig, x2d, w, probe):
+def _qdot2d(config: QDotConfig, x2d, w, probe, sparse):
   del probe
-  return _forward(x2d, w, config.implementation)
+  return _forward(x2d, w, sparse, config.implementation)
 
 
-def _qdot2d_fwd(config, x2d, w, probe):
+def _qdot2d_fwd(config, x2d, w, probe, sparse):
   del probe
-  return _forward(x2d, w, config.implementation), (x2d, w)
+  return _forward(x2d, w, sparse, config.implementation), (x2d, w, sparse)
 
 
 def _qdot2d_bwd(config, residuals, dy):
-  x2d, w = residuals
-  dx = _input_grad(dy, w, config.implementation).astype(x2d.dtype)
+  x2d, w, sparse = residuals
+  dx = _input_grad(dy, w, sparse, config.implementation).astype(x2d.dtype)
   dw = None
   dprobe = None
   if config.trainable != "none":
@@ -132,7 +147,8 @@ def _qdot2d_bwd(config, residuals, dy):
       dw = dataclasses.replace(
           w, qvalue=None, scale=dscale.astype(w.scale.dtype),
           zero_point=None)
-  return dx, dw, dprobe
+  # Outliers are frozen here: QFT reads their gradient off the probe.
+  return dx, dw, dprobe, None
 
 
 _qdot2d.defvjp(_qdot2d_fwd, _qdot2d_bwd)
@@ -140,8 +156,9 @@ _qdot2d.defvjp(_qdot2d_fwd, _qdot2d_bwd)
 
 def qdot(x: jax.Array, w: qa.QArray, *, trainable: str = "none",
          implementation: str | None = None,
-         weight_probe: jax.Array | None = None) -> jax.Array:
-  """`x @ dequantize(w).T` with gradients routed through dequantization.
+         weight_probe: jax.Array | None = None,
+         sparse: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """`x @ (dequantize(w) + S).T` with gradients routed through dequantization.
 
   Args:
     x: activations `(..., K)`, float (bf16/f16/f32).
@@ -152,6 +169,9 @@ def qdot(x: jax.Array, w: qa.QArray, *, trainable: str = "none",
       XLA), "xla" or "pallas" (raises if the kernels cannot run).
     weight_probe: float `(N, K)`, required iff trainable == "weight"; its
       value is ignored and its cotangent is dL/dW.
+    sparse: optional float outliers `S` as `(flat_index int32 (n,), values
+      (n,))` with `flat_index = row * K + col`, added to the transient
+      dequantized weight (one matmul; QFT). They get no gradient here.
 
   Returns:
     `(..., N)` in `x.dtype`, accumulated in float32.
@@ -174,7 +194,7 @@ def qdot(x: jax.Array, w: qa.QArray, *, trainable: str = "none",
     raise ValueError(f"weight_probe has shape {weight_probe.shape}, "
                      f"expected {(n, k)}")
   x2d = x.reshape(-1, k)
-  y = _qdot2d(config, x2d, w, weight_probe)
+  y = _qdot2d(config, x2d, w, weight_probe, sparse)
   return y.reshape(*x.shape[:-1], n)
 
 

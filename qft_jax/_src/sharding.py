@@ -413,6 +413,41 @@ def describe(tree: Any, mesh: jax.sharding.Mesh,
           for (k, x), s in zip(flat, spec_leaves)]
 
 
+def compute_mesh(mesh: jax.sharding.Mesh):
+  """Context for tracing a step that runs on `mesh` (usable inside jit).
+
+  Sets JAX's abstract mesh, which `gather_for_compute` reads: quantized
+  weights are then all-gathered in their stored dtypes before being
+  dequantized. `train.make_train_step(..., shardings=...)` traces under it;
+  wrap the first call of other sharded steps (streamed, HiFT) in it.
+  """
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def gather_for_compute(tree: Any) -> Any:
+  """FSDP's all-gather of a weight for its use, in the stored dtype.
+
+  Left alone, XLA dequantizes each device's rows and all-gathers the float
+  weight (2 bytes a weight in bf16); constraining the QArray leaves (codes,
+  scales, zero points, QFT outliers) to be whole first gathers 0.5 bytes a
+  weight at 4 bits, 0.375 at 3. Rows split over `tensor` stay split.
+  Outside `compute_mesh` (or on a mesh without an fsdp axis) it returns
+  `tree` unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+    return tree
+  tensor = dict(mesh.shape).get("tensor", 1)
+
+  def whole(x):
+    spec = [None] * x.ndim
+    if tensor > 1 and x.ndim >= 2 and x.shape[-2] % tensor == 0:
+      spec[-2] = "tensor"
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+  return jax.tree.map(whole, tree)
+
+
 def per_device_bytes(tree: Any) -> dict[str, int]:
   """Bytes of `tree`'s shards held by each addressable device."""
   out: dict[str, int] = {}

@@ -84,14 +84,7 @@ def _embed(config, rest, tokens):
 
 def _head_loss(config, rest, x, targets, loss_mask):
   x = llama.RMSNorm(config).apply({"params": rest["final_norm"]}, x)
-  if config.tie_word_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x,
-                        rest["embed"]["embedding"].astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-  else:
-    logits = llama.Linear(config.vocab_size, config).apply(
-        {"params": rest["lm_head"]}, x)
-  return train.cross_entropy(logits, targets, loss_mask)
+  return train.chunked_head_nll(rest, config, x, targets, loss_mask)
 
 
 def _clip(g, max_norm):

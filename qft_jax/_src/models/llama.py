@@ -307,12 +307,14 @@ class Llama(nn.Module):
 
   With `cache` (a dict of `k`, `v` arrays `(L, B, S, H_kv, D_h)`) the new
   keys/values are written at `cache_index` and `(logits, cache)` is returned.
+  With `return_hidden=True` the final normalized hidden states `(B, T, D)`
+  are returned instead of logits (see `head_logits`).
   """
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, tokens, positions=None, attention_mask=None, cache=None,
-               cache_index=None):
+               cache_index=None, return_hidden=False):
     c = self.config
     b, t = tokens.shape
     offset = 0 if cache is None else cache_index
@@ -336,6 +338,8 @@ class Llama(nn.Module):
                     length=c.num_layers)
     x, cache = stack(c, name="layers")(x, cos, sin, mask, cache_index, cache)
     x = RMSNorm(c, name="final_norm")(x)
+    if return_hidden:  # the caller applies the head (e.g. chunked loss)
+      return x
     if c.tie_word_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(x.dtype),
                           preferred_element_type=jnp.float32)
@@ -461,3 +465,13 @@ def forward(params: dict, config: LlamaConfig, tokens: jax.Array, *,
       raise ValueError(f"{name} has shape {np.shape(arr)}, expected "
                        f"{np.shape(tokens)} like tokens")
   return _forward(params, config, tokens, attention_mask, positions)
+
+
+def head_logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
+  """Float32 logits of final hidden states `x (..., D)` (tied or untied)."""
+  if config.tie_word_embeddings:
+    return jnp.einsum("...d,vd->...v", x,
+                      params["embed"]["embedding"].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  return Linear(config.vocab_size, config).apply(
+      {"params": params["lm_head"]}, x).astype(jnp.float32)

@@ -27,7 +27,8 @@ weight (one requantization, nearest or stochastic).
 Forward: `qmatmul.linear(x, w)` accepts a `QFTWeight`, or during training a
 `QFTWithProbe(w, probe)` (`with_probes(params, qft_probes(params))` inside the
 jitted step), whose probe cotangent is the dense dL/dW; both call
-`apply_linear`, `y = qdot(x, D) + x[..., cols] * values` scattered to rows.
+`apply_linear`, `y = qdot(x, D, sparse=S)`: the outliers are added into the
+transient dequantized weight, so one matmul serves both parts.
 A QFT step: probe grads -> `lion_int8` (int8 momentum, shape (..., N, K)) ->
 `qft_apply_updates` (weight decay needs `params`: pass the layer's transient
 `qft_dequantize`, or use `scale_by_lion_int8` + `scale_by_learning_rate`).
@@ -75,8 +76,8 @@ class QFTWeight:
 
   def apply_linear(self, x: jax.Array, implementation=None) -> jax.Array:
     """`x @ W^T` for one matrix (no batch axes); dx only (frozen)."""
-    y = qmatmul.qdot(x, self.dense, implementation=implementation)
-    return _add_outliers(y, x, self)
+    return qmatmul.qdot(x, self.dense, implementation=implementation,
+                        sparse=(self.outlier_index, self.outlier_value))
 
 
 @jax.tree_util.register_dataclass
@@ -91,17 +92,10 @@ class QFTWithProbe:
   probe: jax.Array
 
   def apply_linear(self, x: jax.Array, implementation=None) -> jax.Array:
-    y = qmatmul.qdot(x, self.weight.dense, trainable="weight",
-                     implementation=implementation, weight_probe=self.probe)
-    return _add_outliers(y, x, jax.lax.stop_gradient(self.weight))
-
-
-def _add_outliers(y: jax.Array, x: jax.Array, w: QFTWeight) -> jax.Array:
-  n, k = w.shape
-  rows, cols = w.outlier_index // k, w.outlier_index % k
-  contrib = x[..., cols].astype(jnp.float32) * w.outlier_value
-  sparse = jnp.zeros((*x.shape[:-1], n), jnp.float32).at[..., rows].add(contrib)
-  return (y.astype(jnp.float32) + sparse).astype(y.dtype)
+    w = jax.lax.stop_gradient(self.weight)
+    return qmatmul.qdot(x, w.dense, trainable="weight",
+                        implementation=implementation, weight_probe=self.probe,
+                        sparse=(w.outlier_index, w.outlier_value))
 
 
 def is_qft_weight(x: Any) -> bool:

@@ -5,13 +5,22 @@ After LoRA fine-tuning on a quantized base `Q`, the effective weight is
     W_m = dequantize(Q) + s * B A,        s = alpha / r,
 
 which is no longer on the quantization grid. The naive merge re-quantizes
-`W_m` with round-to-nearest ("dequantize-add-RTN"); most of the small update
-`s B A` is rounded away or turned into noise. Here `W_m` is re-quantized with
-GPTQ on calibration inputs of the layer, at the same bits, group size and
-symmetry as `Q`, so that the rounding errors of each column are compensated
-on the others where the layer's inputs make them visible:
+`W_m` with round-to-nearest ("dequantize-add-RTN"): a fresh min-max grid
+(which discards a learned clipping such as ApiQ's) and the update `s B A`,
+mostly smaller than half a step, rounded away or turned into noise. Here,
+at the same bits, group size and symmetry as `Q`, on calibration inputs
+`H = 2 X^T X / n` of the layer, the objective `tr((deq(Q') - W_m) H (.)^T)`
+is reduced in two steps:
 
-    Q' = GPTQ(W_m; H = 2 X^T X / n)  minimizes  tr((deq(Q') - W_m) H (.)^T).
+  1. codes: GPTQ on the grid of `Q` (its scales and zero points), so each
+     column's rounding error is compensated on the others;
+  2. scales: with the codes fixed the objective is quadratic in the scales,
+     solved exactly per row (`refit_scales`) -- a PEQA-style update that
+     absorbs the part of `s B A` that rounding cannot express.
+
+When `s B A` is below half a step nearly everywhere, step 1 returns the codes
+of `Q` (nearest rounding with small error feedback flips no code) and the
+gain comes from step 2.
 
 Per-layer output error reported: `tr((W_hat - W_m) H (W_hat - W_m)^T)`
 (= `(2 / n) ||X (W_hat - W_m)^T||^2`) for both merges, on the same inputs.
@@ -101,9 +110,13 @@ def requantize(w: jax.Array, like: qa.QArray, method: str,
                damp: float = 0.01) -> qa.QArray:
   """Quantizes `w` in the format (bits, group, symmetry) of `like`.
 
+  "rtn": round-to-nearest with fresh min-max parameters (the baseline).
+  "gptq": GPTQ on the grid of `like` (its scales and zero points, so a
+  learned clipping such as ApiQ's is kept), then `refit_scales`.
+
   Args:
     w: float `(N, K)` to quantize.
-    like: a QArray whose format to keep.
+    like: a QArray whose format (and, for "gptq", grid) to keep.
     method: "gptq" (needs `hessian`) or "rtn".
     hessian: `2 X^T X / n` of the layer's inputs.
     damp: GPTQ relative damping.
@@ -121,9 +134,12 @@ def requantize(w: jax.Array, like: qa.QArray, method: str,
                        f"{like.codebook!r}; use method='rtn'")
     if hessian is None:
       raise ValueError("the GPTQ merge needs the layer's input Hessian")
-    q = gptq_lib.gptq_quantize(w, hessian, gptq_lib.GPTQConfig(
-        bits=like.bits, group_size=like.group_size, symmetric=fmt.symmetric,
-        damp=damp))
+    q = gptq_lib.gptq_quantize(
+        w, hessian, gptq_lib.GPTQConfig(
+            bits=like.bits, group_size=like.group_size,
+            symmetric=fmt.symmetric, damp=damp),
+        grid=(like.scale, like.zero_point))
+    q = refit_scales(q, w, hessian)
   return dataclasses.replace(q, dtype=like.dtype,
                              scale=q.scale.astype(like.scale.dtype))
 

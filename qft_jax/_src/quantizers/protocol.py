@@ -213,6 +213,9 @@ def save_params(path, params: dict, meta: dict | None = None) -> None:
 
   The JSON (`path/spec.json`) records every leaf's path, the static fields of
   each QArray (nested double-quantized scales included) and `meta`.
+
+  Raises:
+    ValueError: a float leaf (weights, scales, LoRA) holds NaN or inf.
   """
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +230,11 @@ def save_params(path, params: dict, meta: dict | None = None) -> None:
       leaves[name] = {"kind": "array"}
   dtypes = {}
   for name in list(arrays):
-    arrays[name], dtypes[name] = _encode(arrays[name])
+    a = arrays[name]
+    if np.issubdtype(a.dtype, np.inexact) and not np.all(
+        np.isfinite(a.astype(np.float32))):
+      raise ValueError(f"refusing to save non-finite values in {name}")
+    arrays[name], dtypes[name] = _encode(a)
   np.savez(out / "params.npz", **arrays)
   (out / "spec.json").write_text(json.dumps(
       {"leaves": leaves, "dtypes": dtypes, "meta": meta or {}}, indent=1))
