@@ -162,11 +162,14 @@ def plot_task(task: str, methods: dict, out_dir: pathlib.Path) -> list[str]:
          if "codes_changed" in recs[0].get("curve", {}).get("train", {})}
   if qft:
     fig, ax = plt.subplots(figsize=(7, 4))
+    positive = True
     for m, rec in qft.items():
       cur = rec["curve"]["train"]
       ax.plot(cur["step"], cur["codes_changed"], label=m)
+      positive &= min(cur["codes_changed"]) > 0
     ax.set(xlabel="step", ylabel="fraction of int8 codes changed",
-           yscale="log", title=f"{task}: QFT codes changed per step")
+           yscale="log" if positive else "linear",
+           title=f"{task}: QFT codes changed per step")
     ax.legend()
     ax.grid(alpha=0.3)
     files.append(_save(fig, out_dir / f"codes_changed_{task}.png"))

@@ -46,8 +46,8 @@ def _worker(args) -> None:
   out = {"process": jax.process_index(), "processes": jax.process_count(),
          "local_devices": jax.local_device_count(),
          "devices": jax.device_count()}
-  config, params, batch = ts._tiny()  # pylint: disable=protected-access
-  runner = ts._Runner(args.method, config, params)  # pylint: disable=protected-access
+  config, params, batch = ts.tiny_model()
+  runner = ts.Runner(args.method, config, params)
   mesh = sharding.make_mesh(args.mesh)
   state, step, place_batch = runner.build(mesh)
   b = place_batch(batch)
@@ -60,7 +60,7 @@ def _worker(args) -> None:
   out["local_shards"] = [list(s.data.shape) for s in state.params["layers"][
       "mlp"]["up_proj"]["kernel"].qvalue.addressable_shards]
   if jax.process_index() == 0:
-    local = ts._Runner(args.method, config, params)  # pylint: disable=protected-access
+    local = ts.Runner(args.method, config, params)
     state, step, _ = local.build()
     ref = []
     for _ in range(STEPS):

@@ -18,6 +18,7 @@ on every mesh.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import os
 import pathlib
@@ -26,8 +27,23 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
 import pytest
+
+from qft_jax._src import checkpoint
+from qft_jax._src import methods
+from qft_jax._src import qarray as qa
+from qft_jax._src import sharding
+from qft_jax._src import train
+from qft_jax._src.data import Batch
+from qft_jax._src.models import llama
+from qft_jax._src.optim import hift as hift_lib
+from qft_jax._src.optim import lion_int8
+from qft_jax._src.optim import masks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("full", "lora", "qlora", "peqa", "qft", "hift")
@@ -54,11 +70,8 @@ RTOL = 2e-5
 # ----------------------------------------------------------------- worker
 
 
-def _tiny():
+def tiny_model():
   """(config, params, batch) of a random 2-layer LLaMA and random tokens."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from qft_jax._src.data import Batch  # pylint: disable=g-import-not-at-top
-  from qft_jax._src.models import llama  # pylint: disable=g-import-not-at-top
   config = llama.LlamaConfig(vocab_size=256, hidden_size=64,
                              intermediate_size=128, num_layers=2, num_heads=4,
                              num_kv_heads=2, head_dim=16)
@@ -73,21 +86,17 @@ def _tiny():
       node = node.setdefault(key, {})
     value = (np.ones(shape) if path.endswith("norm/scale")
              else rng.normal(0.0, 0.02, shape))
-    node[leaf] = jax.numpy.asarray(value, jax.numpy.float32)
+    node[leaf] = jnp.asarray(value, jnp.float32)
   toks = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
   batch = Batch(tokens=toks[:, :-1], targets=toks[:, 1:],
                 loss_mask=np.ones((8, 16), np.float32))
   return config, params, batch
 
 
-class _Runner:
+class Runner:
   """Builds one method's state and step, unsharded or on a mesh."""
 
   def __init__(self, name, config, params):
-    import jax  # pylint: disable=g-import-not-at-top
-    import optax  # pylint: disable=g-import-not-at-top
-    from qft_jax._src import methods  # pylint: disable=g-import-not-at-top
-    from qft_jax._src.models import llama  # pylint: disable=g-import-not-at-top
     self.name = name
     mcfg = methods.MethodConfig(name=name, bits=4, group_size=64,
                                 lora_rank=4)
@@ -115,19 +124,14 @@ class _Runner:
           "lion_int8" if name == "qft" else "adamw", 1e-3)
 
   def init(self, p):
-    from qft_jax._src import train  # pylint: disable=g-import-not-at-top
     return train.init_state(p, self.method, self.tx, 0)
 
   def fresh_params(self):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jax.tree.map(jnp.copy, self.params)  # steps donate their input
 
   def build(self, mesh=None):
     """`(state, step, place_batch)`; sharded over `mesh` if given."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
-    from qft_jax._src import train  # pylint: disable=g-import-not-at-top
+    self.mesh = mesh
     params = self.fresh_params()
     place_batch = lambda b: b
     shardings = None
@@ -145,9 +149,6 @@ class _Runner:
     return init(params), step, place_batch
 
   def _build_hift(self, params, place_batch):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from qft_jax._src import train  # pylint: disable=g-import-not-at-top
-    from qft_jax._src.optim import hift as hift_lib  # pylint: disable=g-import-not-at-top
     units = hift_lib.hift_units(params)
     schedule = hift_lib.HiFTSchedule(units, group_size=3)  # 2 groups
     hift = hift_lib.HiFT(schedule, self.tx, 1e-3)
@@ -160,8 +161,9 @@ class _Runner:
 
     def step(state, batch):
       p, opt, t = state
-      p, opt, loss = hift_step(p, opt, t, batch.tokens, batch.targets,
-                               batch.loss_mask)
+      with sharding.compute_mesh(self.mesh) if self.mesh else nullcontext():
+        p, opt, loss = hift_step(p, opt, t, batch.tokens, batch.targets,
+                                 batch.loss_mask)
       return (p, opt, t + 1), {"loss": loss}
 
     return (params, hift.init(params), 0), step, place_batch
@@ -176,7 +178,6 @@ def _train(state, step, batch, steps):
 
 
 def _host(tree):
-  import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -187,9 +188,6 @@ def _same(a, b) -> bool:
 
 
 def _worker_sharded(args, config, params, batch) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import checkpoint  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
   out = {"devices": jax.device_count(), "losses": {}, "layouts": {}}
   ckpt_dir = pathlib.Path(args.ckpt)
   todo = [(m, s) for m in args.methods
@@ -199,7 +197,7 @@ def _worker_sharded(args, config, params, batch) -> dict:
   try:
     for name, spec in todo:
       t0 = time.time()
-      runner = _Runner(name, config, params)
+      runner = Runner(name, config, params)
       ndev = int(np.prod([int(p.split(":")[1]) for p in spec.split(",")]))
       mesh = sharding.make_mesh(spec, jax.devices()[:ndev])
       state, step, place_batch = runner.build(mesh)
@@ -263,14 +261,11 @@ def _worker_sharded(args, config, params, batch) -> dict:
 
 
 def _worker_single(args, config, params, batch) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import checkpoint  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
   out = {"devices": jax.device_count(), "losses": {}}
   qft_step = None
   for name in args.methods:
     t0 = time.time()
-    runner = _Runner(name, config, params)
+    runner = Runner(name, config, params)
     state, step, _ = runner.build()
     _, out["losses"][name] = _train(state, step, batch, STEPS)
     print(f"{name} {out['losses'][name]} {time.time() - t0:.1f}s", flush=True)
@@ -313,7 +308,7 @@ def _worker_main(argv):
   args = parser.parse_args(argv)
   args.methods = args.methods.split(",")
   sys.path.insert(0, str(REPO))
-  config, params, batch = _tiny()
+  config, params, batch = tiny_model()
   fn = _worker_sharded if args.role == "sharded" else _worker_single
   start = time.time()
   out = fn(args, config, params, batch)
@@ -444,9 +439,6 @@ def test_every_method_on_every_mesh(tmp_path):
 
 
 def _abstract_params(n=64, k=64, layers=2):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
   q = qa.abstract_qarray((layers, n, k), qa.QuantConfig(bits=4,
                                                         group_size=32))
@@ -464,10 +456,6 @@ def _abstract_params(n=64, k=64, layers=2):
 
 
 def _specs(tree, **sizes):
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
-  from qft_jax._src.optim import masks  # pylint: disable=g-import-not-at-top
   specs = sharding.partition_specs(tree, sizes)
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
@@ -475,7 +463,6 @@ def _specs(tree, **sizes):
 
 
 def test_rules_split_qarray_fields_along_rows_together():
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   specs = _specs(_abstract_params(), fsdp=4, tensor=2)
   kern = "layers/attn/q_proj/kernel"
   for field in ("qvalue", "scale", "zero_point"):
@@ -492,7 +479,6 @@ def test_rules_split_qarray_fields_along_rows_together():
 
 
 def test_rules_fall_back_when_not_divisible(caplog):
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   # 12 rows over tensor x fsdp = 2 x 4: 8 does not divide 12; of the subsets
   # that do, fsdp (4) splits the most.
   specs = _specs(_abstract_params(n=12), fsdp=4, tensor=2)
@@ -507,11 +493,6 @@ def test_rules_fall_back_when_not_divisible(caplog):
 
 
 def test_rules_place_optimizer_moments_like_their_params():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from qft_jax._src.optim import lion_int8  # pylint: disable=g-import-not-at-top
   trainable = {"layers": {"attn": {"q_proj": {
       "kernel": jax.ShapeDtypeStruct((2, 64, 64), jnp.float32)}}},
                "final_norm": {"scale": jax.ShapeDtypeStruct((64,),
@@ -529,7 +510,6 @@ def test_rules_place_optimizer_moments_like_their_params():
 
 
 def test_parse_mesh():
-  from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
   assert sharding.parse_mesh("", 4) == {"data": 1, "fsdp": 4, "tensor": 1}
   assert sharding.parse_mesh("data:2,fsdp:-1", 8) == {
       "data": 2, "fsdp": 4, "tensor": 1}
@@ -542,7 +522,6 @@ def test_parse_mesh():
 
 
 def test_rules_must_cover_every_leaf():
-  from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="matched no mask rule"):
     sharding.partition_specs(_abstract_params(), {"fsdp": 2},
                              rules=[(r"kernel", sharding.AUTO)])

@@ -4,13 +4,15 @@ Multi-device training uses JAX's own SPMD: a `Mesh` with three named axes,
 
     data    pure data parallelism (params replicated along it),
     fsdp    data parallelism with params / optimizer states sharded along it
-            (ZeRO-3 / FSDP: XLA all-gathers a weight where it is used),
+            (ZeRO-3 / FSDP: XLA all-gathers a weight where it is used;
+            quantized weights as their codes, see `gather_for_compute`),
     tensor  Megatron-style tensor parallelism (optional, size 1 by default),
 
 `NamedSharding`s chosen per leaf by regex rules over the leaf's "/"-joined
 path (`masks.path_str`; first match wins, every leaf covered), and
-`jax.jit(step, in_shardings=..., out_shardings=...)`. The batch is split
-over `("data", "fsdp")`; XLA inserts every collective. Several hosts: call
+`jax.jit(step, in_shardings=..., out_shardings=...)` traced under
+`compute_mesh(mesh)`. The batch is split over `("data", "fsdp")`; XLA
+inserts every collective. Several hosts: call
 `jax.distributed.initialize()` first; `make_mesh` then spans all processes'
 devices, and `place` / `shard_batch` build global arrays from values every
 process holds.
@@ -19,19 +21,19 @@ A rule's `Layout` names which dimension of a leaf is split over which mesh
 axes, counted from the end, so one rule serves a stacked `(L, out, in)`
 kernel, its optimizer moments and the same kernel unstacked. The defaults:
 
-| leaf (path suffix)                           | layout                         |
-|----------------------------------------------|--------------------------------|
-| QArray `kernel/{qvalue,scale,zero_point}`    | N (dim -2) over tensor x fsdp  |
-| QFT `kernel/dense/{qvalue,scale}`            | N (dim -2) over tensor x fsdp  |
-| double-quant `kernel/scale/{qvalue,...}`     | blocks (dim -2) over tensor x fsdp |
-| float `q/k/v/gate/up` kernel `(L, out, in)`  | out over tensor x fsdp         |
-| float `o/down` kernel `(L, out, in)`         | out over fsdp, in over tensor  |
-| QFT `outlier_{index,value}` `(L, n)`         | n over fsdp                    |
-| `lora_a (L, r, in)` / `lora_b (L, out, r)`   | replicated (or in / out over fsdp) |
-| embedding, lm_head `(V, D)`                  | largest divisible dim over tensor x fsdp |
-| lion_int8 `mu_scale (blocks,)`               | blocks over fsdp               |
-| norms, biases, counters, keys, scalars       | replicated                     |
-| anything else                                | largest divisible dim over fsdp |
+| leaf (path suffix)                        | split                         |
+|-------------------------------------------|-------------------------------|
+| QArray `kernel/{qvalue,scale,zero_point}` | N (dim -2), tensor x fsdp     |
+| QFT `kernel/dense/{qvalue,scale}`         | N (dim -2), tensor x fsdp     |
+| double quant `kernel/scale/{qvalue,...}`  | blocks (dim -2), tensor x fsdp|
+| float q/k/v/gate/up kernel `(L, out, in)` | out, tensor x fsdp            |
+| float o/down kernel `(L, out, in)`        | out over fsdp, in over tensor |
+| QFT `outlier_{index,value}` `(L, n)`      | n, fsdp                       |
+| `lora_a (L, r, in)`, `lora_b (L, out, r)` | none (or in / out, fsdp)      |
+| embedding, lm_head `(V, D)`               | largest divisible dim, t x f  |
+| lion_int8 `mu_scale (..., blocks)`        | blocks, fsdp                  |
+| norms, biases, counters, keys, scalars    | none                          |
+| anything else                             | largest divisible dim, fsdp   |
 
 A QArray's codes, scales and zero points are all split along N, so each
 device holds whole rows: a row's codes and its scales live together and
@@ -41,9 +43,12 @@ quantized row-parallel kernels the tensor axis joins fsdp on N. Optimizer
 moments mirror the trainable view's paths (`opt_state/0/mu/layers/...`), so
 the same rules (written `(^|/)...`, not anchored at `^`) place them like
 their parameters; a QFT weight's int8 momentum `(L, N, K)` shards like its
-codes. A dimension that the chosen axes do not divide drops the minor axes
-to the largest subset that does, else stays whole; each such fallback is
-logged.
+codes. lion_int8's block scales flatten a whole leaf: for the layer-streamed
+step's per-layer states `(L, blocks)` a block split is a row split, for a
+stacked `(L, N, K)` leaf in the ordinary step it is not row-aligned and XLA
+moves scales in the update. A dimension that the chosen axes do not divide
+keeps the largest subset of them that does (else stays whole), and each such
+fallback is logged.
 """
 
 from __future__ import annotations
@@ -115,8 +120,9 @@ def default_rules(*, lora: str = "replicate",
   """The rules in the module docstring's table.
 
   Args:
-    lora: "replicate" (LoRA factors on every device; they are tiny) or
-      "fsdp" (`lora_a` split along `in`, `lora_b` along `out`).
+    lora: "replicate" (LoRA factors and their moments on every device) or
+      "fsdp" (`lora_a` split along `in`, `lora_b` along `out`); at 4+
+      devices replicated LoRA state can outweigh a 4-bit base's shard.
     outliers: "fsdp" (QFT's float outlier lists split over fsdp) or
       "replicate".
 
@@ -266,8 +272,9 @@ def _largest_dividing(axes: tuple[str, ...], n: int,
   """The order-preserving subset of `axes` with the largest product that
   divides `n` (earlier axes win ties); `()` if none does."""
   best, best_size = (), 1
-  for mask in range(2**len(axes) - 1, 0, -1):
-    sub = tuple(a for i, a in enumerate(axes) if mask >> (len(axes) - 1 - i) & 1)
+  k = len(axes)
+  for mask in range(2**k - 1, 0, -1):
+    sub = tuple(a for i, a in enumerate(axes) if mask >> (k - 1 - i) & 1)
     size = math.prod(sizes.get(a, 1) for a in sub)
     if n % size == 0 and size > best_size:
       best, best_size = sub, size
@@ -275,7 +282,7 @@ def _largest_dividing(axes: tuple[str, ...], n: int,
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-  return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+  return tuple(np.shape(x))
 
 
 def partition_specs(tree: Any, sizes: Mapping[str, int],
@@ -396,11 +403,13 @@ def abstract(tree: Any, shardings: Any | None = None) -> Any:
     shardings: the target shardings (default: each array's own sharding).
       Restoring with another mesh's shardings reshards the checkpoint.
   """
+  def one(x, s=None):
+    s = getattr(x, "sharding", None) if shardings is None else s
+    return jax.ShapeDtypeStruct(_shape(x), x.dtype, sharding=s)
+
   if shardings is None:
-    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), tree)
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(_shape(x), x.dtype, sharding=s),
-      tree, shardings)
+    return jax.tree.map(one, tree)
+  return jax.tree.map(one, tree, shardings)
 
 
 def describe(tree: Any, mesh: jax.sharding.Mesh,
