@@ -242,6 +242,7 @@ def map_linears(params: dict, fn) -> dict:
         q, entries = fn(w)
         layer = cal.set_linear(layer, name, {"kernel": q, **entries})
     out.append(jax.device_get(layer))
+    print(f"layer {index} quantized", flush=True)
   return cal.stack_layers(out)
 
 

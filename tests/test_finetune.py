@@ -71,3 +71,21 @@ def test_unknown_method_is_a_clear_error(tmp_path):
   c.method.name = "qlorra"
   with pytest.raises(ValueError, match="unknown method 'qlorra'"):
     training_loop.run(c, log=lambda *_: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_smollm2_every_method_20_steps(method, tmp_path):
+  """SmolLM2-135M-Instruct, 20 steps of each method on CPU (slow)."""
+  from conftest import smollm2_gguf  # pylint: disable=g-import-not-at-top
+  smollm2_gguf()
+  c = small_config(method, tmp_path, steps=20)
+  c.model = "smollm2"
+  c.method.group_size = 64
+  c.method.calib_segments, c.method.calib_seq_len = 4, 64
+  c.batch_size, c.data.seq_len, c.eval_batches = 4, 64, 2
+  c.learning_rate = {"qft": 1e-4}.get(method, 1e-4 if method == "full"
+                                       else 1e-3)
+  summary, state = training_loop.run(c, log=lambda *_: None)
+  assert int(state.step) == 20 and summary["skipped_steps"] == 0
+  assert summary["eval_loss"] < summary["eval_loss_before"], summary

@@ -229,7 +229,7 @@ def test_loftq_residual_is_the_svd_tail():
   rng = np.random.default_rng(7)
   w = rng.standard_normal((48, 64)).astype(np.float32)
   cfg = loftq.LoftQConfig(quant=qa.QuantConfig(bits=2, group_size=32),
-                          rank=8, alpha=16.0, iters=1)
+                          rank=8, alpha=16.0, iters=1, svd="exact")
   q, lora = loftq.loftq(jnp.asarray(w), cfg)
   approx = (np.asarray(qa.dequantize(q)) + cfg.alpha / cfg.rank
             * np.asarray(lora["lora_b"]) @ np.asarray(lora["lora_a"]))
@@ -240,6 +240,13 @@ def test_loftq_residual_is_the_svd_tail():
   sv = np.linalg.svd(resid, compute_uv=False)
   assert np.sum((approx - w)**2) == pytest.approx(np.sum(sv[8:]**2),
                                                   rel=1e-4)
+  # The randomized SVD (the default) finds the same leading subspace.
+  qr_, lora_r = loftq.loftq(jnp.asarray(w), dataclasses.replace(
+      cfg, svd="randomized"))
+  approx_r = (np.asarray(qa.dequantize(qr_)) + cfg.alpha / cfg.rank
+              * np.asarray(lora_r["lora_b"]) @ np.asarray(lora_r["lora_a"]))
+  assert np.sum((approx_r - w)**2) == pytest.approx(np.sum(sv[8:]**2),
+                                                    rel=1e-3)
   # More iterations do not hurt the fit.
   q5, lora5 = loftq.loftq(jnp.asarray(w), dataclasses.replace(cfg, iters=5))
   approx5 = (np.asarray(qa.dequantize(q5)) + cfg.alpha / cfg.rank

@@ -14,7 +14,8 @@ float32 without ever forming `W + B A`.
 The base kernel may be float (LoRA), an NF4 `QArray` (QLoRA, Dettmers et al.,
 2023) or any quantizer's `QArray` (ModuLoRA, Yin et al., 2023): the base runs
 through `qdot` in frozen mode (dx only), so only the LoRA factors train.
-Dropout on the LoRA input is the model's job; `LoraSpec.dropout` carries it.
+LoRA dropout is not implemented: `LoraSpec.dropout` must be 0 (a clear error
+otherwise), as in QLoRA's and ModuLoRA's 7B+ settings.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LoraSpec:
   Attributes:
     rank: `r`.
     alpha: the branch is scaled by `alpha / r`.
-    dropout: dropout rate on the LoRA branch input (applied by the model).
+    dropout: must be 0.0: dropout on the LoRA branch is not implemented.
     targets: regexes searched in the path of each linear module (the path of
       its `kernel` without "/kernel", e.g. `layers/attn/q_proj`); every regex
       must match at least one module.
@@ -55,8 +56,9 @@ class LoraSpec:
   def __post_init__(self):
     if self.rank <= 0:
       raise ValueError(f"LoRA rank must be positive, got {self.rank}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+    if self.dropout != 0.0:
+      raise ValueError(f"LoRA dropout is not implemented (got {self.dropout}); "
+                       "use 0.0")
     if isinstance(self.targets, str) or not self.targets:
       raise ValueError(f"targets must be a non-empty tuple of regexes, got "
                        f"{self.targets!r}")

@@ -444,7 +444,7 @@ def gather_for_compute(tree: Any) -> Any:
   `tree` unchanged.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+  if mesh is None or mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
     return tree
   tensor = dict(mesh.shape).get("tensor", 1)
 

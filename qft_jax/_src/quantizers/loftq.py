@@ -8,7 +8,12 @@ Starting from `A = B = 0`, for `t = 1 .. T`:
     B, A         = U_r S_r^(1/2) / s,  S_r^(1/2) V_r^T
 
 so `dequantize(Q_T) + s B A` is the rank-`r` correction of the quantized
-weight closest (in Frobenius norm, given Q) to `W`. `s = alpha / r` is the
+weight closest (in Frobenius norm, given Q) to `W`. The top-`r` singular
+triplets come from an exact SVD (`svd="exact"`) or, by default, from a
+randomized range finder with power iterations (Halko et al., 2011,
+algorithm 4.4: `r + 16` probes, 4 power iterations), which needs only
+matrix products with `W - Q` and a small SVD and is exact to float32
+round-off for the leading subspace in practice. `s = alpha / r` is the
 LoRA scale; dividing B by `s` (as PEFT's `loftq_init` does) makes the
 product exact under the model's scaling. The objective ignores activations
 (no calibration), which is what ApiQ improves on.
@@ -37,16 +42,46 @@ class LoftQConfig:
       be passed to `loftq` instead).
     rank, alpha: LoRA rank and alpha (scale `alpha / rank`).
     iters: alternating steps T (the paper uses 5 for its 2-bit results).
+    svd: "randomized" (default) or "exact".
+    seed: randomized-SVD probe seed.
   """
   quant: qa.QuantConfig = qa.QuantConfig(bits=2, group_size=64)
   rank: int = 64
   alpha: float = 16.0
   iters: int = 5
+  svd: str = "randomized"
+  seed: int = 0
 
   def __post_init__(self):
     if self.rank <= 0 or self.iters <= 0:
       raise ValueError(f"LoftQ rank and iters must be positive, got "
                        f"{self.rank} and {self.iters}")
+    if self.svd not in ("randomized", "exact"):
+      raise ValueError(f"svd must be 'randomized' or 'exact', got "
+                       f"{self.svd!r}")
+
+
+def top_svd(m: jax.Array, rank: int, key: jax.Array | None = None,
+            oversample: int = 16, power_iters: int = 4):
+  """Leading `rank` singular triplets `(u (N, r), s (r,), vt (r, K))`.
+
+  Exact (`jnp.linalg.svd`) when `key` is None, else randomized: an
+  orthonormal basis `Q` of `m @ Omega` refined by power iterations, then
+  the SVD of the small `Q^T m`.
+  """
+  if key is None:
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    return u[:, :rank], s[:rank], vt[:rank]
+  probes = min(rank + oversample, *m.shape)
+  hp = jax.lax.Precision.HIGHEST
+  omega = jax.random.normal(key, (m.shape[1], probes), jnp.float32)
+  q, _ = jnp.linalg.qr(jnp.dot(m, omega, precision=hp))
+  for _ in range(power_iters):
+    z, _ = jnp.linalg.qr(jnp.dot(m.T, q, precision=hp))
+    q, _ = jnp.linalg.qr(jnp.dot(m, z, precision=hp))
+  ub, s, vt = jnp.linalg.svd(jnp.dot(q.T, m, precision=hp),
+                             full_matrices=False)
+  return jnp.dot(q, ub[:, :rank], precision=hp), s[:rank], vt[:rank]
 
 
 def loftq(w: jax.Array, config: LoftQConfig = LoftQConfig(),
@@ -73,13 +108,15 @@ def loftq(w: jax.Array, config: LoftQConfig = LoftQConfig(),
   r = min(config.rank, n, k)
   scale = config.alpha / config.rank
   low_rank = jnp.zeros_like(w)
+  key = jax.random.key(config.seed)
   for _ in range(config.iters):
     q = quantizer(w - low_rank)
-    u, s, vt = jnp.linalg.svd(w - qa.dequantize(q, jnp.float32),
-                              full_matrices=False)
-    root = jnp.sqrt(s[:r])
-    b = u[:, :r] * root
-    a = root[:, None] * vt[:r]
+    key, sub = jax.random.split(key)
+    u, s, vt = top_svd(w - qa.dequantize(q, jnp.float32), r,
+                       None if config.svd == "exact" else sub)
+    root = jnp.sqrt(s)
+    b = u * root
+    a = root[:, None] * vt
     low_rank = b @ a
   lora_a = jnp.zeros((config.rank, k), jnp.float32).at[:r].set(a)
   lora_b = jnp.zeros((n, config.rank), jnp.float32).at[:, :r].set(b / scale)
