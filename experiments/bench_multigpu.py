@@ -236,13 +236,8 @@ def run_one(name: str, n: int, tiny: bool, steps: int, warmup: int) -> dict:
   jax.block_until_ready(params)
   build_s = time.time() - t0
 
-  rng = np.random.default_rng(0)
-  batches = []
-  for _ in range(3):
-    rows = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(
-        np.int32)
-    batches.append(sharding.shard_batch(data_lib.Batch(
-        rows[:, :-1], rows[:, 1:], np.ones((batch, seq), np.float32)), mesh))
+  batches = [sharding.shard_batch(b, mesh) for b in
+             data_lib.random_batches(config.vocab_size, batch, seq)]
   tx = methods.make_optimizer(opts["optimizer"], 1e-5)
 
   if method == "qft":

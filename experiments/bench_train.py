@@ -160,7 +160,6 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
   from qft_jax._src import streamed  # pylint: disable=g-import-not-at-top
   from qft_jax._src import train  # pylint: disable=g-import-not-at-top
   from qft_jax._src.optim import masks  # pylint: disable=g-import-not-at-top
-  from qft_jax._src.optim import qft  # pylint: disable=g-import-not-at-top
 
   model, method, batch, seq, opts = ROWS[name]
   if tiny:
@@ -182,14 +181,8 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
   params = build_params(config, method, opts, jax.random.PRNGKey(0))
   jax.block_until_ready(params)
   build_s = time.time() - t0
-  rng = np.random.default_rng(0)
-  batches = []
-  for _ in range(3):
-    rows = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(
-        np.int32)
-    batches.append(data_lib.Batch(jnp.asarray(rows[:, :-1]),
-                                  jnp.asarray(rows[:, 1:]),
-                                  jnp.ones((batch, seq), jnp.float32)))
+  batches = [jax.tree.map(jnp.asarray, b) for b in
+             data_lib.random_batches(config.vocab_size, batch, seq)]
   lr = 1e-5
   tx = methods.make_optimizer(opts["optimizer"], lr)
   if opts.get("streamed"):

@@ -240,3 +240,15 @@ def build_dataset(kind: str, path: str | pathlib.Path, tokenizer: Tokenizer,
                     sampler=sampler, holdout=holdout),
       tokenizer, seq_len, add_bos=add_bos)
   return TokenDataset(rows, mask)
+
+
+def random_batches(vocab_size: int, batch: int, seq_len: int, n: int = 3,
+                   seed: int = 0) -> list[Batch]:
+  """`n` batches of uniformly random tokens (benchmarks), numpy arrays."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    rows = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    out.append(Batch(rows[:, :-1], rows[:, 1:],
+                     np.ones((batch, seq_len), np.float32)))
+  return out

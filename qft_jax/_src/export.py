@@ -10,7 +10,6 @@ the model config, and `load_quantized` reads them back bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -18,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qft_jax._src import qarray as qa
 from qft_jax._src.models import hf
 from qft_jax._src.models import llama
 from qft_jax._src.optim import qft
