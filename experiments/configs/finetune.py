@@ -60,6 +60,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     pass
   elif variant in ("smollm2", "sst2", "gsm8k", "alpaca"):
     c.model = "smollm2"
+    c.data.add_bos = False         # SmolLM2's GGUF: add_bos_token = false
     c.method.group_size = 64
     c.method.lora_rank = 16
     c.method.lora_alpha = 32.0
