@@ -56,7 +56,9 @@ _GROUP = flags.DEFINE_integer("group_size", 64,
                               "Input columns per scale (-1: per channel).")
 _CALIB = flags.DEFINE_string(
     "calib", str(TEXT / "tinyshakespeare_input.txt"),
-    "Calibration text (gptq, apiq, apiq_lw, merge); never the eval text.")
+    "Calibration file(s), comma-separated (.txt, .json/.jsonl, .tsv; see "
+    "calibration.read_calibration_text) for gptq, apiq, apiq_lw and merge; "
+    "never the evaluation text.")
 _CALIB_SEGMENTS = flags.DEFINE_integer("calib_segments", 32,
                                        "Calibration segments (paper: 128).")
 _CALIB_SEQ_LEN = flags.DEFINE_integer("calib_seq_len", 512,
@@ -70,6 +72,9 @@ _SAVE_DIR = flags.DEFINE_string("save_dir", None,
                                 "Where to save the quantized params.")
 _ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ act-order.")
 _DAMP = flags.DEFINE_float("damp", 0.01, "GPTQ relative damping.")
+_STATIC_GROUPS = flags.DEFINE_bool(
+    "static_groups", False, "GPTQ: group parameters from the original "
+    "weights (RTN's grid) instead of when each group starts.")
 _LOAD_DIR = flags.DEFINE_string(
     "load_dir", None, "Start from params saved by --save_dir (skips "
     "quantizing; use with --merge to fold a trained LoRA into its base).")
@@ -145,7 +150,7 @@ def calibrate(config, source, make_x0):
   if name == "gptq":
     quantizer = gptq.GPTQ(gptq.GPTQConfig(
         bits=_BITS.value, group_size=_GROUP.value, act_order=_ACT_ORDER.value,
-        damp=_DAMP.value))
+        static_groups=_STATIC_GROUPS.value, damp=_DAMP.value))
     layers, reports = cal.sequential(
         config, source, make_x0(),
         cal.quantize_layer_with(config, quantizer, batch_size=_BATCH.value,
@@ -300,7 +305,8 @@ def main(argv):
     out.update(calib_segments=_CALIB_SEGMENTS.value,
                calib_seq_len=_CALIB_SEQ_LEN.value)
   if name == "gptq" and not _LOAD_DIR.value:
-    out.update(act_order=_ACT_ORDER.value, damp=_DAMP.value)
+    out.update(act_order=_ACT_ORDER.value, damp=_DAMP.value,
+               static_groups=_STATIC_GROUPS.value)
   if name == "nf4" and not _LOAD_DIR.value:
     out["double_quant"] = _DOUBLE_QUANT.value
   out.update(extra)

@@ -190,3 +190,16 @@ def test_bad_configs():
     gptq.gptq_quantize(np.ones((4, 60), np.float32), np.eye(60),
                        gptq.GPTQConfig(bits=3, group_size=-1))
 
+
+
+def test_static_groups_keep_the_rtn_grid(layer):
+  w, stats = layer
+  cfg = gptq.GPTQConfig(bits=3, group_size=64, static_groups=True,
+                        act_order=True)
+  q = gptq.gptq_quantize(w, stats.hessian, cfg)
+  rtn = qa.quantize(jnp.asarray(w), cfg.quant_config)
+  np.testing.assert_allclose(np.asarray(q.scale), np.asarray(rtn.scale))
+  np.testing.assert_array_equal(np.asarray(q.zero_point),
+                                np.asarray(rtn.zero_point))
+  assert float(protocol.proxy_loss(w, qa.dequantize(q), stats.hessian)) < (
+      float(protocol.proxy_loss(w, qa.dequantize(rtn), stats.hessian)))

@@ -321,6 +321,32 @@ def test_calibration_segments_and_too_short_text():
     cal.calibration_segments(ids, 11, 100)
 
 
+class _CharTokenizer:
+  def encode(self, text, add_bos=False):
+    del add_bos
+    return [ord(c) % 128 for c in text]
+
+
+def test_calibration_files_formats_and_balanced_mix(tmp_path):
+  (tmp_path / "a.txt").write_text("a" * 400)
+  (tmp_path / "b.jsonl").write_text(
+      '{"question": "' + "b" * 200 + '", "answer": "' + "c" * 200 + '"}\n')
+  (tmp_path / "c.tsv").write_text("sentence\tlabel\n" + "d" * 100 + "\t1\n")
+  text = cal.read_calibration_text(tmp_path / "b.jsonl")
+  assert text == "b" * 200 + "\n" + "c" * 200
+  assert cal.read_calibration_text(tmp_path / "c.tsv") == "d" * 100
+  paths = f"{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}"
+  seg = cal.text_segments(_CharTokenizer(), paths, 5, 100)
+  # 3 segments from a.txt (only "a"), 2 from b.jsonl.
+  assert seg.shape == (5, 100)
+  assert [set(row.tolist()) == {ord("a")} for row in seg] == [True] * 3 + [
+      False] * 2
+  with pytest.raises(ValueError, match="calibration text too short"):
+    cal.text_segments(_CharTokenizer(), tmp_path / "c.tsv", 2, 100)
+  with pytest.raises(ValueError, match="not found"):
+    cal.text_segments(_CharTokenizer(), tmp_path / "missing.txt", 1, 10)
+
+
 def test_captured_hessian_matches_manual_rmsnorm(tiny_params):
   layer = jax.tree.map(jnp.asarray, cal.layers_from_params(tiny_params)(1))
   x = jax.random.normal(jax.random.key(3), (3, 8, 64))

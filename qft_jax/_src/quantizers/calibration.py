@@ -117,17 +117,24 @@ def text_segments(tokenizer, paths, num_segments: int, seq_len: int,
 
   Args:
     tokenizer: has `encode(text, add_bos=False)`.
-    paths: a path, a comma-separated string of paths, or a list; each file
-      (`read_calibration_text`) is encoded as one string without BOS and the
-      token streams are concatenated.
+    paths: a path, a comma-separated string of paths, or a list. Each file
+      (`read_calibration_text`) is encoded as one string without BOS; with
+      several files the segments are shared out evenly (the first
+      `num_segments % len(paths)` files give one more), so a large file does
+      not crowd out a small one.
     num_segments, seq_len, seed: see `calibration_segments`.
   """
   if isinstance(paths, (str, pathlib.Path)):
     paths = [p for p in str(paths).split(",") if p]
-  ids = []
-  for path in paths:
-    ids += tokenizer.encode(read_calibration_text(path), add_bos=False)
-  return calibration_segments(ids, num_segments, seq_len, seed)
+  if not paths or num_segments < len(paths):
+    raise ValueError(f"need at least one segment per calibration file, got "
+                     f"{num_segments} segments for {len(paths)} files")
+  parts = []
+  for i, path in enumerate(paths):
+    count = num_segments // len(paths) + (i < num_segments % len(paths))
+    ids = tokenizer.encode(read_calibration_text(path), add_bos=False)
+    parts.append(calibration_segments(ids, count, seq_len, seed + i))
+  return np.concatenate(parts, axis=0)
 
 
 # ---------------------------------------------------------------- layers ----

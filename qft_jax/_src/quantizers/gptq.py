@@ -61,6 +61,9 @@ class GPTQConfig:
     group_size: input columns per scale (-1: per output channel).
     symmetric: absmax scales with implicit zero point instead of min-max.
     act_order: quantize columns by decreasing Hessian diagonal.
+    static_groups: take every group's scale and zero point from the original
+      weights up front (RTN's grid; AutoGPTQ's `static_groups`) instead of
+      from the error-compensated weights when the group starts.
     block_size: columns per lazy update block (128).
     damp: relative damping, `H += damp * mean(diag H) * I` (0.01).
     max_damp: largest relative damping the non-PD fallback may reach.
@@ -70,6 +73,7 @@ class GPTQConfig:
   group_size: int = 64
   symmetric: bool = False
   act_order: bool = False
+  static_groups: bool = False
   block_size: int = 128
   damp: float = 0.01
   max_damp: float = 10.0
@@ -238,7 +242,8 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array,
     config: bits, group size, act-order, block size, damping.
     grid: optional fixed `(scale, zero_point)` `(N, K // g)` (zero point
       uint8, or None when symmetric); by default each group's min-max
-      parameters are computed when the group starts.
+      parameters are computed when the group starts (or up front with
+      `config.static_groups`).
 
   Returns:
     A QArray with exactly the layout of `qarray.quantize` (asymmetric uint8
@@ -261,6 +266,8 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array,
     raise ValueError(f"input dimension {k} is not a multiple of "
                      f"{qa.codes_per_word(config.bits)}, the number of "
                      f"{config.bits}-bit codes packed in one word")
+  if grid is None and config.static_groups:
+    grid = qa.uniform_params(jnp.asarray(w, jnp.float32), qcfg)
   w_perm, u, perm, _ = prepare_hessian(w, hessian, config)
   block = min(config.block_size, k)
   kp = math.ceil(k / block) * block
