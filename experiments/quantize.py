@@ -70,7 +70,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Result JSON path.")
 _SAVE_DIR = flags.DEFINE_string("save_dir", None,
                                 "Where to save the quantized params.")
-_ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ act-order.")
+_ACT_ORDER = flags.DEFINE_bool("act_order", False,
+                                "GPTQ act-order (also for --merge=gptq).")
 _DAMP = flags.DEFINE_float("damp", 0.01, "GPTQ relative damping.")
 _STATIC_GROUPS = flags.DEFINE_bool(
     "static_groups", False, "GPTQ: group parameters from the original "
@@ -315,7 +316,8 @@ def main(argv):
     x0 = _calibration_inputs(quantized, tokenizer)
     layers, reports = merge.merge_model(
         config, cal.layers_from_params(quantized), x0, _MERGE.value,
-        batch_size=_BATCH.value, log=lambda s: print(s[:300], flush=True))
+        batch_size=_BATCH.value, act_order=_ACT_ORDER.value,
+        log=lambda s: print(s[:300], flush=True))
     quantized = _with_layers(quantized, layers)
     merged = evaluate.perplexity(quantized, config, ids,
                                  seq_len=_SEQ_LEN.value,
@@ -325,6 +327,7 @@ def main(argv):
                 if isinstance(v, dict) and k in v]
             for k in ("err_rtn", "err_gptq")}
     out.update(merge=_MERGE.value, ppl_before_merge=result["ppl"],
+               merge_act_order=_ACT_ORDER.value,
                ppl=merged["ppl"], calib_segments=_CALIB_SEGMENTS.value,
                calib_seq_len=_CALIB_SEQ_LEN.value,
                merge_err_rtn_sum=float(np.sum(errs["err_rtn"])))

@@ -7,7 +7,8 @@ quantized network's own inputs (so errors do not accumulate with depth).
 Quantizer with learnable weight clipping (LWC, from OmniQuant), per row `n`
 and group `j` of `g` input columns, with logits `gamma, beta` (start 4.0):
 
-    hi = max(sigmoid(gamma) * max_j(w), 0),  lo = min(sigmoid(beta) * min_j(w), 0)
+    hi = max(sigmoid(gamma) * max_j(w), 0)
+    lo = min(sigmoid(beta) * min_j(w), 0)
     s  = (hi - lo) / (2^b - 1),              z  = round(-lo / s)
     Q(w) = (clip(round_ste(w / s) + z, 0, 2^b - 1) - z) * s
 
@@ -153,7 +154,7 @@ def quantize_clipped(w: jax.Array, clip: dict, config: ApiQConfig
 
 
 def init_lora(key: jax.Array, n: int, k: int, rank: int) -> dict:
-  """PEFT's LoRA init: `lora_a` Kaiming-uniform `(r, k)`, `lora_b` 0 `(n, r)`."""
+  """PEFT's LoRA init: `lora_a` Kaiming-uniform `(r, k)`, `lora_b` zero."""
   bound = 1.0 / math.sqrt(k)
   return {"lora_a": jax.random.uniform(key, (rank, k), jnp.float32, -bound,
                                        bound),

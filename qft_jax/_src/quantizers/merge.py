@@ -106,8 +106,8 @@ def refit_scales(q: qa.QArray, w: jax.Array, hessian: jax.Array,
 
 
 def requantize(w: jax.Array, like: qa.QArray, method: str,
-               hessian: jax.Array | None = None,
-               damp: float = 0.01) -> qa.QArray:
+               hessian: jax.Array | None = None, damp: float = 0.01,
+               act_order: bool = True) -> qa.QArray:
   """Quantizes `w` in the format (bits, group, symmetry) of `like`.
 
   "rtn": round-to-nearest with fresh min-max parameters (the baseline).
@@ -120,6 +120,8 @@ def requantize(w: jax.Array, like: qa.QArray, method: str,
     method: "gptq" (needs `hessian`) or "rtn".
     hessian: `2 X^T X / n` of the layer's inputs.
     damp: GPTQ relative damping.
+    act_order: GPTQ act-order (on SmolLM2 it halves the merge's output error
+      on held-out text).
   """
   if method not in METHODS:
     raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
@@ -137,7 +139,7 @@ def requantize(w: jax.Array, like: qa.QArray, method: str,
     q = gptq_lib.gptq_quantize(
         w, hessian, gptq_lib.GPTQConfig(
             bits=like.bits, group_size=like.group_size,
-            symmetric=fmt.symmetric, damp=damp),
+            symmetric=fmt.symmetric, damp=damp, act_order=act_order),
         grid=(like.scale, like.zero_point))
     q = refit_scales(q, w, hessian)
   return dataclasses.replace(q, dtype=like.dtype,
@@ -146,14 +148,16 @@ def requantize(w: jax.Array, like: qa.QArray, method: str,
 
 def merge_linear(q: qa.QArray, lora_a: jax.Array, lora_b: jax.Array,
                  lora_scale: float, method: str = "gptq",
-                 hessian: jax.Array | None = None) -> qa.QArray:
+                 hessian: jax.Array | None = None,
+                 act_order: bool = True) -> qa.QArray:
   """Re-quantized merge of one LoRA linear (see the module docstring)."""
   return requantize(merged_weight(q, lora_a, lora_b, lora_scale), q, method,
-                    hessian)
+                    hessian, act_order=act_order)
 
 
 def merge_model(config: llama.LlamaConfig, layer_source: Callable[[int], dict],
                 x0: jax.Array, method: str = "gptq", *, batch_size: int = 8,
+                act_order: bool = True,
                 log: Callable[[str], None] | None = None
                 ) -> tuple[dict, list[dict]]:
   """Merges every decoder linear's LoRA into its quantized kernel.
@@ -164,6 +168,7 @@ def merge_model(config: llama.LlamaConfig, layer_source: Callable[[int], dict],
     x0: embeddings of the calibration segments `(S, T, D)`.
     method: "gptq" (calibrated, sequential) or "rtn".
     batch_size: segments per forward pass.
+    act_order: GPTQ act-order for the "gptq" merge.
     log: optional progress printer.
 
   Returns:
@@ -193,7 +198,8 @@ def merge_model(config: llama.LlamaConfig, layer_source: Callable[[int], dict],
             w_m, qa.dequantize(rtn, jnp.float32), h))}
         new = rtn
         if method == "gptq":
-          new = requantize(w_m, lin["kernel"], "gptq", h)
+          new = requantize(w_m, lin["kernel"], "gptq", h,
+                           act_order=act_order)
           entry["err_gptq"] = float(protocol.proxy_loss(
               w_m, qa.dequantize(new, jnp.float32), h))
         report[name] = entry
