@@ -41,6 +41,10 @@ LOSS_CHUNK = 128  # positions per chunk of the head + cross-entropy
 ROWS = {  # in the order they run (most important first)
     "qlora": ("7b", "qlora", 4, 512, dict(optimizer="adamw", bits=4,
                                           group_size=64)),
+    # QLoRA through the layer-streamed step: one layer's LoRA gradient and
+    # AdamW update at a time, no full LoRA gradient tree.
+    "qlora_streamed": ("7b", "qlora", 4, 512, dict(
+        optimizer="adamw", bits=4, group_size=64, streamed=True)),
     "full_lion_int8": ("7b", "full", 4, 512, dict(optimizer="lion_int8",
                                                   streamed=True)),
     "qft": ("7b", "qft", 4, 512, dict(optimizer="lion_int8", streamed=True)),
@@ -159,6 +163,7 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
   from qft_jax._src import methods  # pylint: disable=g-import-not-at-top
   from qft_jax._src import streamed  # pylint: disable=g-import-not-at-top
   from qft_jax._src import train  # pylint: disable=g-import-not-at-top
+  from qft_jax._src.models import llama as llama_lib  # pylint: disable=g-import-not-at-top
   from qft_jax._src.optim import masks  # pylint: disable=g-import-not-at-top
 
   model, method, batch, seq, opts = ROWS[name]
@@ -176,7 +181,9 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
           "streamed", False), hift_layers=opts.get("hift_layers"),
       zero_point=method != "qlora", act_bytes=2,
       scale_bytes=1 + 5 / 256 if method == "qlora" else 2,
-      loss_chunk=None if tiny else LOSS_CHUNK)
+      loss_chunk=None if tiny else LOSS_CHUNK,
+      fused_attention=llama_lib.uses_cudnn_attention(
+          config, None, None, config.dtype))
   t0 = time.time()
   params = build_params(config, method, opts, jax.random.PRNGKey(0))
   jax.block_until_ready(params)
@@ -187,7 +194,8 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
   tx = methods.make_optimizer(opts["optimizer"], lr)
   if opts.get("streamed"):
     hift_layers = opts.get("hift_layers")
-    rest_units = () if hift_layers else streamed.REST_UNITS
+    lora_only = method in ("lora", "qlora", "modulora")
+    rest_units = () if hift_layers or lora_only else streamed.REST_UNITS
     rest = {k: v for k, v in params.items() if k in rest_units}
     all_true = lambda t: masks.trainable_mask(t, [(r".*", True)],
                                               allow_unmatched=True)
@@ -195,7 +203,9 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
       layer_method = methods.qft_method("stochastic")
     else:
       layer0 = jax.tree.map(lambda a: a[0], params["layers"])
-      layer_method = methods.masked_method(all_true(layer0))
+      rules = [(r"lora_(a|b)$", True)] if lora_only else [(r".*", True)]
+      layer_method = methods.masked_method(masks.trainable_mask(
+          layer0, rules, allow_unmatched=True))
     spec = streamed.StreamedSpec(layer_method=layer_method,
                                  rest_method=methods.masked_method(
                                      all_true(rest)),
@@ -252,6 +262,8 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
       "plan": plan.as_dict(), "loss": loss, "finite": bool(np.isfinite(loss)),
       "build_s": round(build_s, 1), "compile_s": round(compile_s, 1),
       "streamed": bool(opts.get("streamed")),
+      "attention": "cudnn" if llama_lib.uses_cudnn_attention(
+          config, None, None, config.dtype) else "xla",
       "gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
   }
 

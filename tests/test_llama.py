@@ -280,6 +280,50 @@ def test_scan_stacks_layers_and_remat_keeps_gradients():
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def _attention_grads(attention: str, dtype, seed: int):
+  """Loss and gradients of a small GQA model with the given attention."""
+  config = llama.LlamaConfig(vocab_size=128, hidden_size=128,
+                             intermediate_size=192, num_layers=2, num_heads=4,
+                             num_kv_heads=2, head_dim=32, remat="full",
+                             attention=attention, dtype=dtype)
+  params = llama.init_params(config, jax.random.key(seed))
+  tokens = jax.random.randint(jax.random.key(seed + 1), (2, 64), 0, 128)
+
+  def loss(p):
+    logits = llama.Llama(config).apply({"params": p}, tokens)
+    return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1, 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_attention_choice_is_validated():
+  with pytest.raises(ValueError, match="attention must be one of"):
+    llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                      num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                      attention="flash")
+  with pytest.raises(ValueError, match="cudnn"):  # float32 has no cuDNN path
+    _attention_grads("cudnn", jnp.float32, 0)
+  assert llama.attention_mask_matrix(
+      llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                        num_layers=1, num_heads=1, num_kv_heads=1,
+                        head_dim=8), 4, 4, 0) is None
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_xla_on_gpu():
+  """Fused cuDNN attention: same loss and gradients as the einsum path."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU (run with JAX_PLATFORMS=cuda)")
+  seed = int(np.random.randint(1 << 20))
+  loss_x, g_x = _attention_grads("xla", jnp.bfloat16, seed)
+  loss_c, g_c = _attention_grads("cudnn", jnp.bfloat16, seed)
+  assert jnp.isfinite(loss_c)
+  np.testing.assert_allclose(loss_c, loss_x, rtol=2e-2)
+  for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_x)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-6
+
+
 def _rewrite(src, dst, edit_tensors=None, edit_config=None):
   """Copies a single-file HF dir, editing its tensors / config."""
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,7 @@
                trained scalar (HiFT: only the active layers);
   activations  with full remat: every layer's input `(B, T, D)` plus one
                layer's recomputation (attention scores `(B, H, T, T)` in
-               float32, MLP intermediates) plus float32 logits three times
+               float32 unless the attention is fused, MLP intermediates) plus float32 logits three times
                (logits, softmax, their gradient);
   workspace    the largest transient dequantized weight (twice: forward and
                input-gradient matmuls may overlap).
@@ -71,7 +71,8 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
          scale_bytes: float = 2, zero_point: bool = True,
          streamed: bool = False, hift_layers: int | None = None,
          outlier_fraction: float = 0.01, act_bytes: int = 2,
-         master_bytes: int = 4, loss_chunk: int | None = None) -> Plan:
+         master_bytes: int = 4, loss_chunk: int | None = None,
+         fused_attention: bool = False, remat: str = "full") -> Plan:
   """Predicted peak memory of one training step.
 
   Args:
@@ -82,7 +83,7 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
     lora_rank: LoRA on all seven linears.
     optimizer: adamw, lion, lion_int8 or sgd.
     weight_bytes: bytes per float weight (2 for bf16, 4 for float32).
-    streamed: the layer-streamed step (QFT, HiFT, full).
+    streamed: the layer-streamed step (one layer's gradient at a time).
     hift_layers: layers trained per step (HiFT), None for all.
     outlier_fraction: QFT's float outliers (4-byte index + 4-byte value).
     act_bytes: bytes per activation.
@@ -90,6 +91,12 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
       and HiFT train embedding/head in float32).
     loss_chunk: positions per chunk of a chunked head + cross-entropy
       (`train.chunked_head_nll`), None for whole-sequence logits.
+    fused_attention: attention runs as a fused (flash) kernel that never
+      holds the `(B, H, T, T)` scores (`LlamaConfig.attention` "cudnn").
+    remat: the model's remat policy (`LlamaConfig.remat`). "full" keeps one
+      layer's intermediates at a time (the activations above); anything else
+      ("none", or a `jax.checkpoint_policies` name, bounded by "none") keeps
+      every layer's, so the per-layer term counts `num_layers` times.
   """
   if optimizer not in OPTIMIZER_BYTES:
     raise ValueError(f"unknown optimizer {optimizer!r}")
@@ -115,6 +122,8 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
   if method in ("lora", "qlora", "modulora", "apiq", "loftq"):
     lora = lnum * lora_rank * sum(n + k for n, k in shapes)
     trainable, gradients, optimizer_bytes = lora * 4, lora * 4, lora * opt_b
+    if streamed:
+      gradients = lora * 4 // lnum
   elif method == "peqa":
     scales = lnum * sum(n * k / (k if group_size == -1 else group_size)
                         for n, k in shapes)
@@ -125,7 +134,8 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
     # alone; the embedding/head groups' steps are smaller than these.
     layers_trained = lnum if hift_layers is None else hift_layers
     rest_trained = 0 if hift_layers is not None else rest
-    dense_grad = 4 if method == "qft" else weight_bytes
+    # QFT's dense gradient comes in the compute dtype (methods.qft_method).
+    dense_grad = act_bytes if method == "qft" else weight_bytes
     if streamed:
       gradients = per_layer * dense_grad + rest_trained * master_bytes
     else:
@@ -133,8 +143,12 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
     optimizer_bytes = (layers_trained * per_layer + rest_trained) * opt_b
   tokens = batch * seq_len
   saved = lnum * tokens * c.hidden_size * act_bytes
+  scores = 0 if fused_attention else batch * c.num_heads * seq_len**2 * (
+      4 + act_bytes)
   layer_work = (tokens * (4 * c.hidden_size + 3 * c.intermediate_size)
-                * act_bytes + batch * c.num_heads * seq_len**2 * (4 + act_bytes))
+                * act_bytes + scores)
+  if remat != "full":
+    layer_work *= lnum
   logits = 3 * batch * (loss_chunk or seq_len) * c.vocab_size * 4
   workspace = 2 * max(n * k for n, k in shapes) * act_bytes
   return Plan(weights=int(w_lin + w_rest), trainable=int(trainable),

@@ -233,7 +233,8 @@ def qft_method(rounding: str = "stochastic", weight_decay: float = 0.0,
   """QFT: gradients through weight probes, requantizing apply.
 
   The trainable view holds a zero probe `(L, N, K)` in place of each
-  `QFTWeight` (its gradient is the dense dL/dW) and every other float leaf
+  `QFTWeight` (its gradient is the dense dL/dW, in the weight's compute
+  dtype: bf16 for a bf16 model, half of a float32 gradient's memory) and every other float leaf
   as is; the apply rule requantizes integer weights with stochastic rounding
   and reports the fraction of int8 codes that changed. The optimizer sees
   zero probes as the "params" of QFT weights, so decoupled weight decay for
@@ -244,8 +245,8 @@ def qft_method(rounding: str = "stochastic", weight_decay: float = 0.0,
 
   def view(params):
     def leaf_view(p):
-      if qft.is_qft_weight(p):
-        return jnp.zeros((*p.batch_shape, *p.shape), jnp.float32)
+      if qft.is_qft_weight(p):  # gradient dtype = the compute dtype
+        return jnp.zeros((*p.batch_shape, *p.shape), p.dense.dtype)
       return p if masks.is_float_leaf(p) else None
     trainable = jax.tree.map(leaf_view, params, is_leaf=qft.is_qft_weight)
 

@@ -61,6 +61,9 @@ class Llama3RopeScaling:
   original_max_position_embeddings: int
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
 def _remat_policy(name: str):
   if name == "full":
     return None
@@ -89,6 +92,10 @@ class LlamaConfig:
     matmul_trainable: `trainable` passed to `qdot` for QArray kernels
       ("none", or "scale" for PEQA).
     matmul_implementation: `implementation` passed to `qdot`.
+    attention: "xla" (einsum + softmax, materializes the `(T, S)` scores),
+      "cudnn" (fused flash attention; GPU, bf16/fp16, causal without
+      padding or cache) or "auto" (cudnn where it applies on a GPU, else
+      xla).
     dtype: activation dtype; param_dtype: dtype of freshly initialized params.
   """
   vocab_size: int
@@ -109,6 +116,7 @@ class LlamaConfig:
   lora_alpha: float = 16.0
   matmul_trainable: str = "none"
   matmul_implementation: str | None = None
+  attention: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -137,6 +145,9 @@ class LlamaConfig:
       raise ValueError(f"sliding_window must be positive or None, got "
                        f"{self.sliding_window}")
     qmatmul.QDotConfig(self.matmul_trainable, self.matmul_implementation)
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                       f"got {self.attention!r}")
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -244,17 +255,46 @@ class Attention(nn.Module):
             "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype),
                                               start)}
       k, v = kv["k"].astype(x.dtype), kv["v"].astype(x.dtype)
-    q = q.reshape(b, t, hkv, g, dh)  # query head h uses kv head h // g
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                        preferred_element_type=jnp.float32) / math.sqrt(dh)
-    scores = jnp.where(mask[:, None, None], scores,
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
-                     preferred_element_type=jnp.float32).astype(x.dtype)
+    if uses_cudnn_attention(c, mask, kv, x.dtype):
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation="cudnn")
+    else:
+      out = _xla_attention(q, k, v, mask, hkv, g, x.dtype)
     out = Linear(c.hidden_size, c, name="o_proj")(
         out.reshape(b, t, c.num_heads * dh))
     return out, kv
+
+
+def uses_cudnn_attention(c: LlamaConfig, mask, kv, dtype) -> bool:
+  """Whether attention runs as cuDNN's fused kernel (see `attention`)."""
+  applies = (mask is None and kv is None
+             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+             and c.head_dim % 8 == 0 and c.head_dim <= 128)
+  if c.attention == "cudnn" and not applies:
+    raise ValueError("attention='cudnn' needs bf16/fp16 activations, "
+                     "head_dim a multiple of 8 up to 128, and causal "
+                     "attention without padding, sliding window or cache")
+  return c.attention == "cudnn" or (c.attention == "auto" and applies
+                                    and jax.default_backend() == "gpu")
+
+
+def _xla_attention(q, k, v, mask, hkv: int, g: int, dtype) -> jax.Array:
+  """Softmax attention; `q (B, T, H, D_h)`, `k, v (B, S, H_kv, D_h)`.
+
+  `mask` is `(B or 1, T, S)` boolean, or None for plain causal attention.
+  Returns `(B, T, H, D_h)`.
+  """
+  b, t, _, dh = q.shape
+  if mask is None:
+    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
+  q = q.reshape(b, t, hkv, g, dh)  # query head h uses kv head h // g
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
+                   preferred_element_type=jnp.float32).astype(dtype)
+  return out.reshape(b, t, hkv * g, dh)
 
 
 class MLP(nn.Module):
@@ -289,8 +329,13 @@ def attention_mask_matrix(config: LlamaConfig, t: int, s: int, offset,
   """Boolean `(B or 1, T, S)`: query `offset + i` may attend key `j`.
 
   Causal (`j <= offset + i`), within the sliding window if any, and only to
-  keys whose `key_mask` `(B, S)` entry is true.
+  keys whose `key_mask` `(B, S)` entry is true. Plain causal attention
+  (offset 0, `t == s`, no window, no key mask) returns None, which lets the
+  attention use a fused causal kernel.
   """
+  if (key_mask is None and config.sliding_window is None and t == s
+      and isinstance(offset, int) and offset == 0):
+    return None
   qi = offset + jnp.arange(t)[:, None]
   kj = jnp.arange(s)[None, :]
   mask = kj <= qi
@@ -341,8 +386,7 @@ class Llama(nn.Module):
     if return_hidden:  # the caller applies the head (e.g. chunked loss)
       return x
     if c.tie_word_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(x.dtype))
     else:
       logits = Linear(c.vocab_size, c, name="lm_head")(x)
     logits = logits.astype(jnp.float32)
@@ -470,8 +514,8 @@ def forward(params: dict, config: LlamaConfig, tokens: jax.Array, *,
 def head_logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
   """Float32 logits of final hidden states `x (..., D)` (tied or untied)."""
   if config.tie_word_embeddings:
-    return jnp.einsum("...d,vd->...v", x,
-                      params["embed"]["embedding"].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    # x.dtype output, then float32: see `qmatmul.linear` for why.
+    return jnp.einsum("...d,vd->...v", x, params["embed"]["embedding"].astype(
+        x.dtype)).astype(jnp.float32)
   return Linear(config.vocab_size, config).apply(
       {"params": params["lm_head"]}, x).astype(jnp.float32)
