@@ -208,12 +208,17 @@ def param_makers(config, method: str, opts: dict, key) -> dict:
       k1, k2, k3 = jax.random.split(next(keys), 3)
 
       def make():
-        dense = random_qarray(k1, shape, dense_cfg, c.dtype)
+        # One layer at a time (`lax.map`): the random-bit temporaries of a
+        # whole stack would set the process's peak memory.
+        dense = jax.lax.map(lambda kl: random_qarray(kl, (n, k), dense_cfg,
+                                                     c.dtype),
+                            jax.random.split(k1, lnum))
         idx = (jnp.arange(n_out, dtype=jnp.int32) * stride
                + jax.random.randint(k2, (lnum, n_out), 0, stride, jnp.int32))
         val = 0.05 * jax.random.normal(k3, (lnum, n_out), jnp.float32)
         return qft.QFTWeight(dense, idx, val)
       return make
+    lnum, n, k = shape
     if method == "qlora":
       cfg = qa.QuantConfig(bits=4, group_size=opts["group_size"],
                            codebook="nf4", scale_dtype=jnp.bfloat16)
@@ -221,7 +226,9 @@ def param_makers(config, method: str, opts: dict, key) -> dict:
       cfg = qa.QuantConfig(bits=opts["bits"], group_size=opts["group_size"],
                            scale_dtype=jnp.bfloat16)
     kk = next(keys)
-    return lambda: random_qarray(kk, shape, cfg, c.dtype)
+    return lambda: jax.lax.map(
+        lambda kl: random_qarray(kl, (n, k), cfg, c.dtype),
+        jax.random.split(kk, lnum))
 
   tree: dict = {}
   for path, shape in llama.param_shapes(c).items():

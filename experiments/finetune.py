@@ -4,11 +4,15 @@ r"""Fine-tune a LLaMA-family model with any qft_jax method.
   python experiments/finetune.py --config.method.name=qft --config.optimizer=lion_int8
   python experiments/finetune.py --config=experiments/configs/finetune.py:sst2
 
-Loads the model, prepares the method's storage (quantize, add LoRA, int8
+Prints the run's memory plan (`qft_jax.memory.plan` of this config: total
+and parts in GiB) and, on an accelerator that reports its `bytes_limit`,
+refuses to start when the plan does not fit, before anything is loaded or
+saved (`--config.memory_check=False` starts anyway). Then loads the model,
+prepares the method's storage (quantize, add LoRA, int8
 QFT weights...), trains with a progress bar, evaluates on held-out data,
 writes metrics to `<workdir>/metrics.jsonl` and TensorBoard, checkpoints
 with orbax (resuming from the newest intact checkpoint), and writes a final
-summary to `--output_json`.
+summary (with the memory plan) to `--output_json`.
 """
 
 import json

@@ -22,6 +22,7 @@ import tqdm
 
 from qft_jax._src import checkpoint as ckpt_lib
 from qft_jax._src import data as data_lib
+from qft_jax._src import memory
 from qft_jax._src import methods
 from qft_jax._src import sharding
 from qft_jax._src import train
@@ -48,6 +49,103 @@ def peak_bytes() -> int:
   if stats and "peak_bytes_in_use" in stats:
     return int(stats["peak_bytes_in_use"])
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_memory_limit() -> int | None:
+  """The first device's allocator limit (`bytes_limit`), None if unknown.
+
+  CPU devices report no memory stats, so runs there are never refused.
+  """
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  return None
+
+
+def memory_plan(c: ml_collections.ConfigDict, mcfg: methods.MethodConfig,
+                config: llama.LlamaConfig) -> memory.Plan:
+  """`memory.plan` of one training step of this run's config.
+
+  Activations are those of one micro-batch (`batch_size / accum_steps`
+  rows) under the model's `remat`; float weights, LoRA factors and
+  activations are `c.dtype`. NF4 bases (qlora, modulora with nf4) store
+  8-bit double-quantized block scales and no zero points; the other
+  quantized bases float32 scales and uint8 zero points. HiFT
+  differentiates one group of `hift.group_size` units per step, which is
+  the plan's streamed gradient term.
+  """
+  name = mcfg.name
+  float_bytes = jnp.dtype(DTYPES[c.dtype]).itemsize
+  nf4 = name == "qlora" or (name == "modulora" and mcfg.quantizer == "nf4")
+  try:  # training attention: causal, no padding mask, no cache
+    fused = llama.uses_cudnn_attention(config, None, None, config.dtype)
+  except ValueError:  # attention="cudnn" where it cannot apply
+    fused = False
+  return memory.plan(
+      config, name, batch=max(c.batch_size // max(c.accum_steps, 1), 1),
+      seq_len=c.data.seq_len, bits=4 if nf4 else mcfg.bits,
+      group_size=mcfg.group_size, lora_rank=mcfg.lora_rank,
+      optimizer=c.optimizer, weight_bytes=float_bytes,
+      scale_bytes=1 + 5 / 256 if nf4 else 4, zero_point=not nf4,
+      streamed=bool(c.get("streamed", False)) or name == "hift",
+      hift_layers=c.hift.group_size if name == "hift" else None,
+      outlier_fraction=mcfg.outlier_fraction, act_bytes=float_bytes,
+      remat=config.remat, fused_attention=fused)
+
+
+def describe_plan(p: memory.Plan) -> str:
+  """`total X GiB = weights a + trainable b + ... GiB` (one line)."""
+  parts = " + ".join(f"{k} {v / memory.GIB:.3f}"
+                     for k, v in dataclasses.asdict(p).items())
+  return f"total {p.total / memory.GIB:.3f} GiB = {parts} GiB"
+
+
+def check_memory(c: ml_collections.ConfigDict, mcfg: methods.MethodConfig,
+                 config: llama.LlamaConfig, num_devices: int, *,
+                 log=print) -> memory.Plan:
+  """Prints the run's memory plan; raises ValueError when it cannot fit.
+
+  The limit is the first device's `bytes_limit` times the mesh's device
+  count (the step's arrays are spread over the mesh). Without a known limit
+  (CPU) it only prints; `c.memory_check = False` turns the refusal into a
+  warning.
+  """
+  p = memory_plan(c, mcfg, config)
+  group = "per-channel" if mcfg.group_size == -1 else f"g{mcfg.group_size}"
+  if mcfg.name == "qlora" or (mcfg.name == "modulora"
+                              and mcfg.quantizer == "nf4"):
+    base = f" nf4 {group}"
+  elif mcfg.name == "qft":
+    base = " int8"
+  elif mcfg.name in ("full", "lora", "hift"):
+    base = ""
+  else:
+    base = f" {mcfg.bits}-bit {group}"
+  what = (mcfg.name + base
+          + (f" r{mcfg.lora_rank}" if mcfg.name in methods.LORA_METHODS
+             else "")
+          + f", {c.optimizer}, batch {c.batch_size} x {c.data.seq_len}"
+          + (f" (accum {c.accum_steps})" if c.accum_steps > 1 else "")
+          + f", remat {config.remat}, {c.dtype}")
+  limit = device_memory_limit()
+  available = None if limit is None else limit * max(num_devices, 1)
+  if available is None:
+    where = f"device limit unknown ({jax.default_backend()}): not checked"
+  else:
+    where = (f"device limit {available / memory.GIB:.2f} GiB"
+             + (f" over {num_devices} devices" if num_devices > 1 else ""))
+  log(f"memory plan ({what}): {describe_plan(p)}; {where}")
+  try:
+    memory.check_fits(p, available)
+  except ValueError as e:
+    if c.get("memory_check", True):
+      raise ValueError(f"refusing to start: {e} (set config.memory_check="
+                       "False to start anyway)") from None
+    log(f"WARNING: {e}; starting anyway (memory_check=False)")
+  return p
 
 
 class MetricsWriter:
@@ -199,11 +297,21 @@ class Setup:
   tokenizer: Any
   trainer: Trainer
   state: train.TrainState
+  plan: memory.Plan | None = None
 
 
 def setup(c: ml_collections.ConfigDict, *, log=print) -> Setup:
-  """Loads the model and builds the method's initial training state."""
+  """Loads the model and builds the method's initial training state.
+
+  First (from the checkpoint's config alone, before any weight is read or
+  anything is saved) prints the run's memory plan and refuses to start,
+  with a ValueError, when it exceeds the device's memory (`check_memory`).
+  """
   mcfg = method_config(c)
+  mesh = sharding.make_mesh(c.mesh)
+  config = dataclasses.replace(
+      loading.load_config(c.model, dtype=DTYPES[c.dtype]), remat=c.remat)
+  plan = check_memory(c, mcfg, config, mesh.size, log=log)
   log(f"loading {c.model}")
   config, params = loading.load_model(c.model, dtype=DTYPES[c.dtype])
   config = dataclasses.replace(config, remat=c.remat)
@@ -214,11 +322,10 @@ def setup(c: ml_collections.ConfigDict, *, log=print) -> Setup:
       calib_tokens=calib, log=log)
   log(f"method {mcfg.name}: {methods.trainable_count(mcfg, params):,} "
       "trainable parameters")
-  mesh = sharding.make_mesh(c.mesh)
   log(f"mesh {sharding.mesh_sizes(mesh)} over {mesh.size} "
       f"{jax.default_backend()} device(s)")
   trainer = Trainer.build(c, mcfg, params, config, mesh)
-  return Setup(mcfg, config, tokenizer, trainer, trainer.init(params))
+  return Setup(mcfg, config, tokenizer, trainer, trainer.init(params), plan)
 
 
 def restore(c: ml_collections.ConfigDict, state: train.TrainState, *,
@@ -244,6 +351,7 @@ def run(c: ml_collections.ConfigDict, *, log=print, task_eval=None
   """
   s = setup(c, log=log)
   mcfg, config, trainer, tokenizer = s.mcfg, s.config, s.trainer, s.tokenizer
+  plan = s.plan
   train_ds, eval_ds = build_data(c, tokenizer)
   log(f"data: {train_ds.num_rows} train rows, {eval_ds.num_rows} eval rows "
       f"of {c.data.seq_len} tokens")
@@ -292,6 +400,7 @@ def run(c: ml_collections.ConfigDict, *, log=print, task_eval=None
       "eval_loss_before": eval_loss0, "eval_loss": eval_loss,
       "skipped_steps": int(state.skipped), "peak_bytes": peak_bytes(),
       "backend": jax.default_backend(),
+      "memory_plan": plan.as_dict() if plan is not None else None,
   }
   if task_eval is not None:
     summary["task"] = task_eval(state.params, config, tokenizer)

@@ -54,6 +54,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   c.checkpoint_interval = 50
   c.keep_checkpoints = 3
   c.on_nonfinite = "skip"          # skip | stop
+  c.memory_check = True            # refuse to start when the memory plan
+                                   # (printed at setup) exceeds the device's
+                                   # bytes_limit; False: warn and start
   c.workdir = "runs/finetune"      # metrics.jsonl and TensorBoard events
 
   if variant == "cpu":

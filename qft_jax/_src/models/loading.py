@@ -161,6 +161,22 @@ def load_model(path, *, quantize_fn: QuantizeFn | None = None,
   return config, params
 
 
+def load_config(path, *, dtype=jnp.float32) -> llama.LlamaConfig:
+  """The config `load_model` would return, without reading any weights.
+
+  The readers only index the checkpoint (tensors stay lazy), so nothing is
+  put on a device: launchers use it to plan memory before loading.
+  """
+  kind, p = resolve(path)
+  if kind == "hf":
+    config, _ = hf.read_hf(p)
+  elif kind == "gguf":
+    config, _ = gguf_loader.read_gguf(p)
+  else:
+    config, _ = llama2c.read_llama2c(p)
+  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+
+
 def load_tokenizer(path) -> tokenizer_lib.Tokenizer:
   """The tokenizer of a checkpoint (see `load_model` for `path`).
 
