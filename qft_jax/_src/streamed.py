@@ -187,7 +187,8 @@ def make_streamed_step(config: llama.LlamaConfig, spec: StreamedSpec,
       layer, apply_metrics = spec.layer_method.apply(layer, view, updates,
                                                      jax.random.fold_in(key, l),
                                                      step_count)
-      sq = sum(jnp.sum(jnp.square(x_)) for x_ in jax.tree.leaves(g))
+      sq = sum(jnp.sum(jnp.square(x_.astype(jnp.float32)))
+               for x_ in jax.tree.leaves(g))
       return layer, opt, dx_prev, sq, apply_metrics
 
     def dx_only(layer, x, dx):
@@ -249,7 +250,8 @@ def make_streamed_step(config: llama.LlamaConfig, spec: StreamedSpec,
                 else spec.hift_layers)
     metrics = {"loss": nll * scale, "tokens": ntok,
                "grad_norm": jnp.sqrt(sq_layers + sum(
-                   jnp.sum(jnp.square(g)) for g in jax.tree.leaves(g_rest))),
+                   jnp.sum(jnp.square(g.astype(jnp.float32)))
+                   for g in jax.tree.leaves(g_rest))),
                **{k: v / n_active for k, v in metric_sum.items()}}
     return new_params, {"layers": opt_layers, "rest": new_rest_state}, rng, \
         metrics
