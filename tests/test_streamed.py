@@ -131,6 +131,30 @@ def test_hift_streamed_updates_only_the_active_layer():
   _close(jax.tree.map(lambda a: a[1], new["layers"]), want, tol=1e-5)
 
 
+def test_bf16_qft_hift_streamed_step_runs():
+  """bf16 compute: QFT's dense gradients come in bf16 (half the memory);
+  the HiFT step's active and inactive branches still agree on dtypes."""
+  config = dataclasses.replace(CONFIG, dtype=jnp.bfloat16,
+                               param_dtype=jnp.bfloat16)
+  params = llama.init_params(config, jax.random.PRNGKey(4))
+  cfg = methods.MethodConfig(name="qft")
+  qparams, config = methods.prepare_params(cfg, params, config,
+                                           jax.random.PRNGKey(5))
+  layer_view, _ = methods.qft_method().view(
+      jax.tree.map(lambda a: a[0], qparams["layers"]))
+  assert {x.dtype for x in jax.tree.leaves(layer_view)
+          if x.ndim == 2} == {jnp.dtype(jnp.bfloat16)}
+  tx = optax.lion(3e-3)
+  spec = streamed.StreamedSpec(
+      layer_method=methods.qft_method(),
+      rest_method=methods.masked_method({}), active_rest=(), hift_layers=1)
+  step = streamed.make_streamed_step(config, spec, tx, tx, donate=False)
+  opt = streamed.init_opt_states(spec, qparams, tx, tx, active_layers=[2])
+  _, _, _, m = step(qparams, opt, jax.random.PRNGKey(0), jnp.int32(0),
+                    _batch(6), jnp.asarray([2], jnp.int32))
+  assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
 def test_streamed_step_holds_one_layer_gradient():
   """No buffer of the stacked-weight size and float dtype besides params."""
   config = dataclasses.replace(CONFIG, num_layers=4, hidden_size=64,
