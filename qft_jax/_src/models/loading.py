@@ -148,6 +148,14 @@ def load_model(path, *, quantize_fn: QuantizeFn | None = None,
     >>> config, params = load_model(
     ...     "smollm2", quantize_fn=lambda p, w: qa.quantize(jnp.asarray(w), cfg))
   """
+  config, tensors = _read(path, dtype)
+  params = assemble_params(config, tensors, quantize_fn=quantize_fn,
+                           dtype=dtype)
+  return config, params
+
+
+def _read(path, dtype) -> tuple[llama.LlamaConfig, Any]:
+  """`(config with dtype, lazy tensor reader)` of any supported checkpoint."""
   kind, p = resolve(path)
   if kind == "hf":
     config, tensors = hf.read_hf(p)
@@ -155,10 +163,7 @@ def load_model(path, *, quantize_fn: QuantizeFn | None = None,
     config, tensors = gguf_loader.read_gguf(p)
   else:
     config, tensors = llama2c.read_llama2c(p)
-  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-  params = assemble_params(config, tensors, quantize_fn=quantize_fn,
-                           dtype=dtype)
-  return config, params
+  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype), tensors
 
 
 def load_config(path, *, dtype=jnp.float32) -> llama.LlamaConfig:
@@ -167,14 +172,7 @@ def load_config(path, *, dtype=jnp.float32) -> llama.LlamaConfig:
   The readers only index the checkpoint (tensors stay lazy), so nothing is
   put on a device: launchers use it to plan memory before loading.
   """
-  kind, p = resolve(path)
-  if kind == "hf":
-    config, _ = hf.read_hf(p)
-  elif kind == "gguf":
-    config, _ = gguf_loader.read_gguf(p)
-  else:
-    config, _ = llama2c.read_llama2c(p)
-  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+  return _read(path, dtype)[0]
 
 
 def load_tokenizer(path) -> tokenizer_lib.Tokenizer:
