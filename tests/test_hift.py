@@ -173,11 +173,38 @@ def test_trains_with_lion_int8_and_compiles_once_per_group():
   for t in range(6 * sched.num_groups):
     params, state, _ = step(params, state, t, tokens)
   assert float(_toy_loss(params, tokens)) < start - 0.05
-  assert len(traces) == sched.num_groups
+  # One trace per jitted function: layer-only groups of one size share one.
+  assert len(traces) == len(step.compiled) <= sched.num_groups
   for gs in state.group_states:
     (s,) = [x for x in gs if isinstance(x, li.ScaleByLionInt8State)]
     assert all(m.dtype == np.int8 and isinstance(m, np.ndarray)
                for m in jax.tree.leaves(s.mu))
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_layer_groups_share_one_compiled_step(per_step):
+  """Groups of decoder layers run one jitted function (rows as an argument)
+  and move exactly as SGD on the full gradient's rows says."""
+  params = _toy_params()
+  sched = hift.HiFTSchedule(hift.hift_units(params), group_size=1,
+                            lr_mode="per_step" if per_step else "per_cycle")
+  lr = (lambda c: 0.1 * (1.0 + c)) if per_step else 0.1
+  h = hift.HiFT(sched, optax.sgd, lr)
+  state, step = h.init(params), h.make_step(_toy_loss)
+  for t in range(sched.num_groups):
+    unit = sched.groups[sched.group(t)][0]
+    grad = jax.grad(_toy_loss)(params, _tokens(t))
+    new, state, _ = step(params, state, t, _tokens(t))
+    if unit.startswith("layers/"):
+      row = int(unit.split("/")[1])
+      rate = 0.1 * (1.0 + t) if per_step else 0.1
+      want = params["layers"]["mlp"]["kernel"][row] - rate * grad[
+          "layers"]["mlp"]["kernel"][row]
+      np.testing.assert_allclose(new["layers"]["mlp"]["kernel"][row], want,
+                                 rtol=1e-5, atol=1e-6)
+    params = new
+  # 6 groups: embedding, 3 layers, final norm, head -> 4 functions.
+  assert sched.num_groups == 6 and len(step.compiled) == 4
 
 
 def test_integer_leaves_and_trainable_mask_never_train():

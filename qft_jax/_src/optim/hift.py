@@ -251,8 +251,11 @@ class HiFT:
     `loss_fn(params, *batch)` is a scalar. Step `t` moves group
     `schedule.group(t)`'s optimizer state to the device, differentiates the
     loss with respect to that group's leaves only, updates them, and moves the
-    state back to host memory. One jitted function per group (compiled on the
-    group's first step).
+    state back to host memory. Groups made only of decoder layers share one
+    jitted function per group size (the layer indices and the group index are
+    arguments), so an L-layer model compiles about three functions, not
+    L + 3; other groups compile their own on first use. `step.compiled`
+    holds the jitted functions by key.
     """
     compiled = {}
 
@@ -265,16 +268,56 @@ class HiFT:
       active = optax.apply_updates(active, updates)
       return part.merge(active, frozen), opt_state, loss
 
+    def rows_step(stacked, group, rows, params, opt_state, *batch):
+      """`group_step` for a group of layers `rows (m,)` (both traced)."""
+      leaves, treedef = jax.tree.flatten(params)
+      active = treedef.unflatten([leaf[rows] if on else None
+                                  for leaf, on in zip(leaves, stacked)])
+
+      def merge(a):
+        return treedef.unflatten([
+            f.at[rows].set(x.astype(f.dtype)) if on else f
+            for f, x, on in zip(leaves, treedef.flatten_up_to(a), stacked)])
+
+      loss, grads = jax.value_and_grad(lambda a: loss_fn(merge(a),
+                                                         *batch))(active)
+      updates, opt_state = self.group_tx(group).update(grads, opt_state,
+                                                       active)
+      return merge(optax.apply_updates(active, updates)), opt_state, loss
+
     def step(params, state: HiFTState, t: int, *batch):
       g = self.schedule.group(int(t))
       part = self.partition(params, g)
-      if (g, part) not in compiled:
-        compiled[(g, part)] = jax.jit(
-            lambda *a, g=g, part=part: group_step(g, part, *a))
+      rows = _layer_rows(part)
       opt_state = jax.device_put(state.group_states[g])
-      params, opt_state, loss = compiled[(g, part)](params, opt_state, *batch)
+      if rows is not None:
+        stacked = tuple(p is not None for p in part.plan)
+        key = ("layers", len(rows), stacked)
+        if key not in compiled:
+          compiled[key] = jax.jit(
+              lambda *a, stacked=stacked: rows_step(stacked, *a))
+        params, opt_state, loss = compiled[key](
+            np.int32(g), np.asarray(rows, np.int32), params, opt_state,
+            *batch)
+      else:
+        if (g, part) not in compiled:
+          compiled[(g, part)] = jax.jit(
+              lambda *a, g=g, part=part: group_step(g, part, *a))
+        params, opt_state, loss = compiled[(g, part)](params, opt_state,
+                                                      *batch)
       states = list(state.group_states)
       states[g] = jax.device_get(opt_state)
       return params, HiFTState(tuple(states)), loss
 
+    step.compiled = compiled
     return step
+
+
+def _layer_rows(part: GroupPartition) -> tuple[int, ...] | None:
+  """The layer indices when `part` trains the same rows of stacked leaves
+  and nothing else, else None."""
+  rows = {p for p in part.plan if p is not None}
+  if len(rows) == 1 and all(p is None or isinstance(p, tuple)
+                            for p in part.plan):
+    return rows.pop()
+  return None
