@@ -45,6 +45,10 @@ ROWS = {  # in the order they run (most important first)
     # AdamW update at a time, no full LoRA gradient tree.
     "qlora_streamed": ("7b", "qlora", 4, 512, dict(
         optimizer="adamw", bits=4, group_size=64, streamed=True)),
+    # ... with the saved residual stream in host memory.
+    "qlora_offload": ("7b", "qlora", 4, 512, dict(
+        optimizer="adamw", bits=4, group_size=64, streamed=True,
+        offload_saved=True)),
     "full_lion_int8": ("7b", "full", 4, 512, dict(optimizer="lion_int8",
                                                   streamed=True)),
     "qft": ("7b", "qft", 4, 512, dict(optimizer="lion_int8", streamed=True)),
@@ -183,7 +187,8 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
       scale_bytes=1 + 5 / 256 if method == "qlora" else 2,
       loss_chunk=None if tiny else LOSS_CHUNK,
       fused_attention=llama_lib.uses_cudnn_attention(
-          config, None, None, config.dtype))
+          config, None, None, config.dtype),
+      offload_saved=opts.get("offload_saved", False))
   t0 = time.time()
   params = build_params(config, method, opts, jax.random.PRNGKey(0))
   jax.block_until_ready(params)
@@ -210,7 +215,9 @@ def run_row(name: str, tiny: bool, steps: int, warmup: int) -> dict:
                                  rest_method=methods.masked_method(
                                      all_true(rest)),
                                  active_rest=rest_units,
-                                 hift_layers=hift_layers)
+                                 hift_layers=hift_layers,
+                                 offload_saved=opts.get("offload_saved",
+                                                        False))
     active = None if not hift_layers else jnp.asarray([0], jnp.int32)
     opt = streamed.init_opt_states(spec, params, tx, tx,
                                    active_layers=None if not hift_layers

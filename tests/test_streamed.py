@@ -131,6 +131,22 @@ def test_hift_streamed_updates_only_the_active_layer():
   _close(jax.tree.map(lambda a: a[1], new["layers"]), want, tol=1e-5)
 
 
+def test_offloaded_residuals_give_the_same_step():
+  """`offload_saved` only moves the saved layer inputs to host memory."""
+  params = llama.init_params(CONFIG, jax.random.PRNGKey(7))
+  tx = optax.adamw(1e-2)
+  outs = []
+  for offload in (False, True):
+    spec = _float_spec(params, offload_saved=offload)
+    step = streamed.make_streamed_step(CONFIG, spec, tx, tx, donate=False)
+    opt = streamed.init_opt_states(spec, params, tx, tx)
+    outs.append(step(params, opt, jax.random.PRNGKey(0), jnp.int32(0),
+                     _batch(8), None))
+  _close(outs[0][0], outs[1][0], tol=1e-6)
+  np.testing.assert_allclose(outs[0][3]["loss"], outs[1][3]["loss"],
+                             rtol=1e-6)
+
+
 def test_bf16_qft_hift_streamed_step_runs():
   """bf16 compute: QFT's dense gradients come in bf16 (half the memory);
   the HiFT step's active and inactive branches still agree on dtypes."""

@@ -72,7 +72,8 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
          streamed: bool = False, hift_layers: int | None = None,
          outlier_fraction: float = 0.01, act_bytes: int = 2,
          master_bytes: int = 4, loss_chunk: int | None = None,
-         fused_attention: bool = False, remat: str = "full") -> Plan:
+         fused_attention: bool = False, remat: str = "full",
+         offload_saved: bool = False) -> Plan:
   """Predicted peak memory of one training step.
 
   Args:
@@ -93,6 +94,8 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
       (`train.chunked_head_nll`), None for whole-sequence logits.
     fused_attention: attention runs as a fused (flash) kernel that never
       holds the `(B, H, T, T)` scores (`LlamaConfig.attention` "cudnn").
+    offload_saved: the streamed step keeps the saved layer inputs in host
+      memory (`StreamedSpec.offload_saved`): one layer's input on the device.
     remat: the model's remat policy (`LlamaConfig.remat`). "full" keeps one
       layer's intermediates at a time (the activations above); anything else
       ("none", or a `jax.checkpoint_policies` name, bounded by "none") keeps
@@ -142,7 +145,7 @@ def plan(config: llama.LlamaConfig, method: str, *, batch: int, seq_len: int,
       gradients = linears * dense_grad + rest_trained * master_bytes
     optimizer_bytes = (layers_trained * per_layer + rest_trained) * opt_b
   tokens = batch * seq_len
-  saved = lnum * tokens * c.hidden_size * act_bytes
+  saved = (1 if offload_saved else lnum) * tokens * c.hidden_size * act_bytes
   scores = 0 if fused_attention else batch * c.num_heads * seq_len**2 * (
       4 + act_bytes)
   layer_work = (tokens * (4 * c.hidden_size + 3 * c.intermediate_size)
