@@ -283,8 +283,19 @@ def main(argv):
     loaded, meta = protocol.load_params(_LOAD_DIR.value)
     quantized = jax.tree.map(jnp.asarray, loaded)
     header = {k: meta.get(k) for k in header}
+    if "config" in meta:
+      # Written by experiments/export.py --quantized_dir
+      # (`export.save_quantized`): the LoRA scale is in the model config and
+      # the format has to be read off the kernels.
+      meta.setdefault("alpha", meta["config"].get("lora_alpha"))
+      q = quantized["layers"]["attn"]["q_proj"]["kernel"]
+      if isinstance(q, qa.QArray):
+        header.update(quantizer=header["quantizer"] or "export",
+                      bits=header["bits"] or q.bits,
+                      group_size=header["group_size"] or (
+                          -1 if q.group_size == q.shape[-1] else q.group_size))
     name = header["quantizer"]
-    if "alpha" in meta:
+    if meta.get("alpha") is not None:
       config = dataclasses.replace(config, lora_alpha=meta["alpha"])
     extra = {"loaded_from": _rel(_LOAD_DIR.value)}
   else:
