@@ -36,10 +36,16 @@ Variants (each one changes one thing against "f32"):
   noise_1e-6     float32 weights multiplied by (1 + 1e-6 eps), eps ~ N(0, 1),
                  before quantizing (~ 8 float32 ulps)
 Each variant reports ppl, NLL, per-window NLLs and how many codes differ from
-the first variant's. The other `--bits` (3, 4) run "f32" and "xla" as the
-sanity rows.
+the first variant's; `flip_analysis_b<bits>` says where "xla" and "f32"
+codes differ (zero points of symmetric groups, an exact tie). The other
+`--bits` (3, 4) run "f32" and "xla" as the sanity rows.
+
+Result (experiments/results/rtn2_reference_check.json, WORKSPACE.md §2): "xla" reproduces our 8.86e5; "f32" and "f64" give 9.65e5,
+the reference's number. The gap is 134 zero points (of 1.66M groups) that
+XLA's reciprocal arithmetic rounds off an exact tie.
 
   JAX_PLATFORMS=cpu PYTHONPATH=. python scripts/rtn_reference_check.py \
+      --bits 2 3 4 --compare_qft \
       --out=experiments/results/rtn2_reference_check.json
 
 `--compare_qft` (imports qft_jax, only to compare inputs) also checks that
@@ -183,6 +189,10 @@ def main():
   model = load(torch.float32)
   orig = {k: m.weight.detach().clone() for k, m in linears(model)}
 
+  low = args.bits[0]
+  result[f"flip_analysis_b{low}"] = flip_analysis(orig, low, args.group_size)
+  print(json.dumps(result[f"flip_analysis_b{low}"]), flush=True)
+
   if args.compare_qft:
     result["qft_compare"] = compare_qft(ids, orig, args)
     print(json.dumps(result["qft_compare"]), flush=True)
@@ -223,7 +233,6 @@ def main():
             f"{entry['nll']:.5f} flips {flips}", flush=True)
     model = model.to(torch.float32)
   result["runs"] = runs
-  low = args.bits[0]
   base = runs.get(f"b{low}_f32")
   if base:
     ppls = [v["ppl"] for k, v in runs.items() if k.startswith(f"b{low}_")]
@@ -237,6 +246,42 @@ def main():
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def flip_analysis(orig: dict, bits: int, group: int) -> dict:
+  """Where the "xla" codes differ from the correctly rounded ("ieee") ones.
+
+  Counts groups whose scale / zero point differ, the differing codes inside
+  groups with a different zero point, and how many of those groups are
+  symmetric (`hi == -lo`: then `-lo / s = (2^b - 1) / 2` is an exact tie).
+  """
+  qmax = 2**bits - 1
+  out = dict(groups=0, scale_differs=0, zero_point_differs=0,
+             zero_point_differs_with_hi_eq_minus_lo=0,
+             zero_point_argument_exactly_half=0, codes_differing=0,
+             codes_differing_in_zero_point_groups=0)
+  for w in orig.values():
+    n, k = w.shape
+    wg = w.reshape(n, k // group, group)
+    lo = torch.clamp(wg.amin(-1), max=0.0)
+    hi = torch.clamp(wg.amax(-1), min=0.0)
+    s_ieee = (hi - lo) / qmax
+    s_xla = (hi - lo) * torch.tensor(1.0 / qmax)
+    arg = -lo / s_ieee
+    zdiff = (torch.round(arg) != torch.round(-lo / s_xla)) & (hi > lo)
+    _, c_ieee = rtn(w, bits, group, ops="ieee")
+    _, c_xla = rtn(w, bits, group, ops="xla")
+    flips = (c_ieee != c_xla).reshape(n, k // group, group)
+    out["groups"] += lo.numel()
+    out["scale_differs"] += int((s_ieee != s_xla).sum())
+    out["zero_point_differs"] += int(zdiff.sum())
+    out["zero_point_differs_with_hi_eq_minus_lo"] += int(
+        (zdiff & (hi == -lo)).sum())
+    out["zero_point_argument_exactly_half"] += int(
+        ((arg - torch.floor(arg)) == 0.5).sum())
+    out["codes_differing"] += int(flips.sum())
+    out["codes_differing_in_zero_point_groups"] += int(flips[zdiff].sum())
+  return out
 
 
 def compare_qft(ids: np.ndarray, orig: dict, args) -> dict:
