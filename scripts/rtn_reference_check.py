@@ -40,8 +40,9 @@ the first variant's; `flip_analysis_b<bits>` says where "xla" and "f32"
 codes differ (zero points of symmetric groups, an exact tie). The other
 `--bits` (3, 4) run "f32" and "xla" as the sanity rows.
 
-Result (experiments/results/rtn2_reference_check.json, WORKSPACE.md §2): "xla" reproduces our 8.86e5; "f32" and "f64" give 9.65e5,
-the reference's number. The gap is 134 zero points (of 1.66M groups) that
+Result (experiments/results/rtn2_reference_check.json, WORKSPACE.md §2):
+"xla" reproduces our 8.86e5; "f32" and "f64" give 9.65e5, the reference's
+number. The gap is 134 zero points (of 1.66M groups) that
 XLA's reciprocal arithmetic rounds off an exact tie.
 
   JAX_PLATFORMS=cpu PYTHONPATH=. python scripts/rtn_reference_check.py \
