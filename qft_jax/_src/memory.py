@@ -13,7 +13,8 @@
                trained scalar (HiFT: only the active layers);
   activations  with full remat: every layer's input `(B, T, D)` plus one
                layer's recomputation (attention scores `(B, H, T, T)` in
-               float32 unless the attention is fused, MLP intermediates) plus float32 logits three times
+               float32 unless the attention is fused, MLP intermediates)
+               plus float32 logits three times
                (logits, softmax, their gradient);
   workspace    the largest transient dequantized weight (twice: forward and
                input-gradient matmuls may overlap).
