@@ -91,6 +91,7 @@ def cell_config(c, task: str, method: str, seed: int):
   f.unlock()
   _update(f, {"data": spec["data"]})
   f.steps = spec["steps"]
+  f.remat = spec.get("remat", f.remat)
   if c.max_steps:
     f.steps = min(f.steps, c.max_steps)
   f.eval_interval = spec.get("eval_interval", max(f.steps // 2, 1))

@@ -244,8 +244,10 @@ class Trainer:
                                        shardings=shardings)
       return Trainer(
           lambda s, b: step_jit(s, sharding.shard_batch(b, mesh)), eval_step,
-          lambda p: jax.jit(init, out_shardings=shardings[0])(
-              sharding.place(p, param_sh)))
+          # Donated: the state's params reuse the placed buffers instead of
+          # holding a second copy of the weights while the state is built.
+          lambda p: jax.jit(init, out_shardings=shardings[0],
+                            donate_argnums=0)(sharding.place(p, param_sh)))
     schedule = hift_lib.HiFTSchedule(
         hift_lib.hift_units(params), group_size=c.hift.group_size,
         order=c.hift.order, seed=c.seed, lr_mode=c.hift.lr_mode)

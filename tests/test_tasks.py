@@ -177,6 +177,19 @@ def test_dialogsum_rouge_uses_all_references(monkeypatch, stories):
   assert got["rougeL"] < got["rougeL_max"]
 
 
+def test_dialogsum_rouge_summary_after_leading_newline(monkeypatch, stories):
+  """A summary that opens with a newline is the next line, not empty."""
+  config, params, tok = stories
+  path = shared_path("tasks", "dialogsum", "dialogsum.test.jsonl")
+  rec = json.loads(path.read_text().splitlines()[0])
+  monkeypatch.setattr(tasks, "greedy_generate", lambda *a, **k: [
+      tok.encode("\n\n " + rec["summary1"] + "\nmore text")])
+  got = tasks.dialogsum_rouge(params, config, tok, path, limit=1,
+                              max_prompt_tokens=64)
+  assert got["samples"][0]["prediction"].startswith(rec["summary1"][:20])
+  assert got["rougeL_max"] == pytest.approx(100.0, abs=0.5)
+
+
 def _nll_loop(params, config, seqs_and_starts, length):
   """Mean -log p over completion tokens, one sequence at a time (float64)."""
   total = count = 0

@@ -386,7 +386,10 @@ def dialogsum_rouge(params: dict, config: llama.LlamaConfig, tokenizer, path,
       add_bos, max_prompt_tokens)
   outs = greedy_generate(params, config, prompts, max_new_tokens,
                          eos_id=tokenizer.eos_id, batch_size=batch_size)
-  preds = [_cut(tokenizer.decode(ids), ("\n",)).strip() for ids in outs]
+  # The summary is the first line of text: a zero-shot model often opens
+  # with a newline after "Summary:", which must not end it.
+  preds = [_cut(tokenizer.decode(ids).lstrip(), ("\n",)).strip()
+           for ids in outs]
   result = rouge(preds, refs)
   result["n"] = len(records)
   result["samples"] = [{"prediction": p, "references": r}
