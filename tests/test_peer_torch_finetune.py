@@ -1,8 +1,9 @@
-"""experiments/peer_torch_finetune.py feeds torch exactly our SST-2 pipeline.
+"""experiments/peer_torch_finetune.py feeds torch exactly our task pipelines.
 
-The peer re-implements (without jax) the rows, batches, schedule and eval
-batching of `qft_jax._src.data` / `methods.schedule` / `tasks`; these tests
-check each against ours on the real SST-2 files and SmolLM2 tokenizer.
+The peer re-implements (without jax) the rows, batches, schedule, eval
+batching and ROUGE scoring of `qft_jax._src.data` / `methods.schedule` /
+`tasks` for SST-2 and DialogSum; these tests check each against ours on the
+real task files and SmolLM2 tokenizer.
 """
 
 import numpy as np
@@ -22,23 +23,26 @@ def tokenizer():
   return loading.load_tokenizer("smollm2")
 
 
+@pytest.fixture(scope="module")
+def peer_tokenizer():
+  return peer.load_tokenizer(smollm2_gguf())
+
+
 def test_training_rows_are_ours(tokenizer):
   """The 4,000 rows, tokens and loss masks of reproduce.py's sst2 task."""
   path = shared_path("tasks", "sst2", "train.tsv")
   ours = data_lib.build_dataset("sst2", path, tokenizer, 96, split="train",
                                 limit=4000, seed=0, sampler="python",
                                 add_bos=False)
-  rows, mask = peer.tokenize_rows(
-      peer.sample_rows(peer.read_sst2(path), 4000, 0), tokenizer.encode,
-      tokenizer.bos_id, tokenizer.eos_id, 96, add_bos=False)
+  examples = peer.sample_rows(peer.train_examples("sst2", path), 4000, 0)
+  rows, mask = peer.tokenize_examples(examples, tokenizer, 96, add_bos=False)
   np.testing.assert_array_equal(rows, ours.rows)
   np.testing.assert_array_equal(mask, ours.mask)
   assert rows.shape == (4000, 97)
   # Each row's loss covers the label token and EOS.
   assert set(mask.sum(1).tolist()) == {2.0}
-  label_rows, label_mask = peer.tokenize_rows(
-      peer.sample_rows(peer.read_sst2(path), 4000, 0), tokenizer.encode,
-      tokenizer.bos_id, tokenizer.eos_id, 96, add_bos=False, loss_on="label")
+  label_rows, label_mask = peer.tokenize_examples(
+      examples, tokenizer, 96, add_bos=False, loss_on="label")
   np.testing.assert_array_equal(label_rows, rows)
   assert set(label_mask.sum(1).tolist()) == {1.0}
   first = np.argmax(mask > 0, axis=1)
@@ -71,3 +75,47 @@ def test_dev_prompts_are_ours():
   assert [peer.sst2_prompt(s) for s, _ in rows[:50]] == [
       data_lib.sst2_prompt(s) for s, _ in rows[:50]]
   assert peer.SST2_LABELS == data_lib.SST2_LABELS
+
+
+def test_gguf_special_ids_are_ours(tokenizer, peer_tokenizer):
+  assert (peer_tokenizer.bos_id, peer_tokenizer.eos_id) == (
+      tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+
+
+def test_dialogsum_rows_are_ours(tokenizer, peer_tokenizer):
+  """reproduce.py's dialogsum training rows: all 500 dev dialogues, 640."""
+  path = shared_path("tasks", "dialogsum", "dialogsum.dev.jsonl")
+  ours = data_lib.build_dataset("dialogsum", path, tokenizer, 640,
+                                split="train", add_bos=False)
+  examples = peer.sample_rows(peer.train_examples("dialogsum", path), 0, 0)
+  assert examples == [(e.prompt, e.completion) for e in
+                      data_lib.load_examples("dialogsum", path)]
+  # The peer's own (transformers) tokenizer gives the same rows as ours.
+  for tok in (tokenizer, peer_tokenizer):
+    rows, mask = peer.tokenize_examples(examples, tok, 640)
+    np.testing.assert_array_equal(rows, ours.rows)
+    np.testing.assert_array_equal(mask, ours.mask)
+  assert rows.shape == (500, 641)
+  assert peer_tokenizer.decode(rows[0]) == tokenizer.decode(rows[0])
+
+
+def test_dialogsum_eval_is_ours(tokenizer):
+  """Test prompts (cut to 1,024 tokens), references, predictions, ROUGE."""
+  path = shared_path("tasks", "dialogsum", "dialogsum.test.jsonl")
+  records = peer.read_json_records(path)
+  assert records == data_lib.read_json_records(path) and len(records) == 500
+  prompts = [peer.dialogsum_prompt(r["dialogue"]) for r in records]
+  assert prompts == [data_lib.dialogsum_prompt(r["dialogue"])
+                     for r in records]
+  for limit in (None, 1024, 64):
+    assert peer.encode_prompts(tokenizer, prompts, False, limit) == (
+        tasks._encode_prompts(tokenizer, prompts, False, limit))  # pylint: disable=protected-access
+  refs = [peer.dialogsum_references(r) for r in records]
+  assert {len(r) for r in refs} == {3}
+  for text in ["\n\n #Person1# asks.\nDialogue: x", " a b \n", "", "\n",
+               "one line<|im_end|>"]:
+    ours = tasks._cut(text.lstrip(), ("\n",)).strip()  # pylint: disable=protected-access
+    assert peer.summary_line(text) == ours
+  preds = [r["summary1"][:40] for r in records[:20]] + ["", "Ms. Dawson"]
+  np.testing.assert_equal(peer.rouge(preds, refs[:22], peer.rouge_scorer()),
+                          tasks.rouge(preds, refs[:22]))
