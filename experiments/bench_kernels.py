@@ -365,10 +365,11 @@ def time_jobs(jobs, timer, deadline):
 
 
 def sweep_candidates():
-  """Decode split-contraction variants around the table's choice.
+  """Decode variants around the table's choice.
 
   Run 1's geometry sweep (156 configs) chose the table; this one checks the
-  split factor and program width it did not cover.
+  split factor and program width it did not cover at M = 16, and the vector
+  contraction (`contraction="fma"`, one row per program) at M = 1.
   """
   from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
   cands = []
@@ -382,14 +383,26 @@ def sweep_candidates():
       cands.append(("fwd", 16, n, k, 4, TuningConfig(
           block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
           scale_mode="activations", split_k=split)))
+    for bn in (32, 64, 128):
+      for warps in (2, 4):
+        for split in (2, 4, 8):
+          cands.append(("fwd", 1, n, k, 4, TuningConfig(
+              block_m=1, block_n=bn, block_k=128, num_warps=warps,
+              num_stages=3, scale_mode="activations", split_k=split,
+              contraction="fma")))
+    for bits in (2, 3):
+      cands.append(("fwd", 1, n, k, bits, TuningConfig(
+          block_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3,
+          scale_mode="activations", split_k=4, contraction="fma")))
   return cands
 
 
 def run_sweep(timer, deadline, workers):
   cands = sweep_candidates()
   if INTERPRET:
+    fma = [c for c in cands if c[5].contraction == "fma"]
     cands = [(op, min(m, 17), 48, 256, bits, cfg)
-             for op, m, n, k, bits, cfg in cands[::40]]
+             for op, m, n, k, bits, cfg in cands[::40] + fma[:1]]
   jobs = []
   for op, m, n, k, bits, cfg in cands:
     for job in make_jobs(m, n, k, bits, tuning=cfg, which=("ours",)):

@@ -89,6 +89,9 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   layout = tiles.layout_of(w)
   m = dy2d.shape[0]
   cfg = tuning or tuning_lib.choose("dx", m, layout.n, layout.k, layout.bits)
+  if cfg.contraction != "mma":
+    raise ValueError(f"the dx kernel has only the 'mma' contraction, got "
+                     f"{cfg.contraction!r}")
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
   bm, bn = cfg.block_m, cfg.block_n
   split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))

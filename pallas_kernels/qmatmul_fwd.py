@@ -17,6 +17,12 @@ Cost model (bytes): N*K*bits/8 packed + N*G*(scale bytes + zero byte) + M*K
 and M*N activations (2 bytes each), once each when the grid covers M in one
 tile row (decode); the weight is re-read once per M tile otherwise.
 
+Vector contraction (`TuningConfig(contraction="fma", block_m=1)`, a decode
+candidate): each program owns one activation row and forms
+`acc(bn) += sum_k deq(W_tile)[:, k] * x[k]` with float32 multiply-adds instead
+of a matrix instruction, so the dequantized tile needs no operand layout and
+M is not padded to 16 rows.
+
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
 plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
@@ -50,7 +56,8 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
-                bc: int, scale_mode: str, group_m: int, split: int):
+                bc: int, scale_mode: str, group_m: int, split: int,
+                fma: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
@@ -74,7 +81,13 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
       s, z = tiles.load_group_params(s_ref, z_ref, n_slice, n_mask,
                                      tiles.group_index(i, j0, layout))
       c = tiles.plane_codes(words, i, layout.bits)
-      if scale_mode == "weights":
+      if fma:  # bm == 1: (bn, bc) * (1, bc), summed over the tile's columns
+        w = tiles.centered_f32(c, z, cb_ref, layout)
+        if scale_mode == "weights":
+          w = w * s[:, None]
+        part = jnp.sum(w * x.astype(jnp.float32), axis=1, keepdims=True)
+        acc += part if scale_mode == "weights" else s[:, None] * part
+      elif scale_mode == "weights":
         w = (tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
              ).astype(dtype)
         acc += lax.dot_general(w, x, (((1,), (1,)), ((), ())),
@@ -114,7 +127,8 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   bm, bn = cfg.block_m, cfg.block_n
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
-      scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split)
+      scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
+      fma=cfg.contraction == "fma")
   x3 = x2d.reshape(m, layout.planes, layout.kw)
   grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn) * split,)
   # split > 1: float32 partial sums per contraction slice, summed below.

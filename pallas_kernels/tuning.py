@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 SCALE_MODES = ("weights", "activations")
+CONTRACTIONS = ("mma", "fma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,8 @@ class TuningConfig:
 
   Attributes:
     block_m: rows of x (fwd) or dy (dx) per program; >= 16 (matrix-unit
-      minimum), masked when M is not a multiple.
+      minimum) with `contraction="mma"`, exactly 1 with "fma"; masked when M
+      is not a multiple.
     block_n: weight rows per program (fwd: output columns; dx: the
       contraction step); >= 16, masked when N is not a multiple.
     block_k: packed words per plane per step (upper bound, see
@@ -51,6 +53,14 @@ class TuningConfig:
       partials that one XLA reduction sums. Decode has too few output tiles
       to occupy the GPU; splitting the contraction multiplies the programs.
       `effective_split` shrinks it to the loop's trip count.
+    contraction: how a tile's product is formed (fwd only).
+      "mma": a matrix-unit product `deq(W_tile) @ x_tile^T` (bf16 operands,
+        float32 accumulation); the dequantized tile must be converted to the
+        operand layout, and M is padded to the 16-row minimum.
+      "fma": one activation row per program (`block_m = 1`), the product
+        `sum_k deq(W)[n, k] * x[k]` in float32 on the vector units: no operand
+        layout, no padded rows; each row re-reads the weight (L2), so it is a
+        candidate for M = 1 decode only.
   """
   block_m: int = 16
   block_n: int = 32
@@ -60,10 +70,19 @@ class TuningConfig:
   scale_mode: str = "activations"
   group_m: int = 8
   split_k: int = 1
+  contraction: str = "mma"
 
   def __post_init__(self):
+    if self.contraction not in CONTRACTIONS:
+      raise ValueError(f"contraction must be one of {CONTRACTIONS}, got "
+                       f"{self.contraction!r}")
+    if self.contraction == "fma" and self.block_m != 1:
+      raise ValueError(f"contraction='fma' takes one row per program "
+                       f"(block_m=1), got block_m={self.block_m}")
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
+      if name == "block_m" and self.contraction == "fma":
+        continue
       if v < 16 or v & (v - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     if self.num_warps not in (1, 2, 4, 8, 16):

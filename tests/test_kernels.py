@@ -8,6 +8,7 @@ a tile the kernel forgets to write fails the comparison.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,34 @@ class _KernelCases:
     assert _rel(outs[0][1], outs[1][1]) < TOL
     assert _rel(outs[1][0], kq.reference(x, w)) < TOL
 
+  @pytest.mark.parametrize("case,mode,split", [
+      ((4, 32, False, None, 3, 40, 256), "activations", 3),
+      ((3, 32, False, None, 2, 24, 256), "weights", 1),
+      ((2, 64, True, None, 1, 40, 256), "activations", 1),
+      ((8, -1, False, None, 1, 33, 96), "weights", 3),
+      ((4, 64, True, "nf4", 3, 40, 128), "activations", 2),
+  ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else str(v))
+  def test_vector_contraction_matches_reference(self, case, mode, split):
+    """`contraction="fma"`: one row per program, float32 multiply-adds."""
+    w, x, _ = _inputs(case, seed=np.random.randint(1 << 30))
+    cfg = tuning.TuningConfig(block_m=1, block_n=16, block_k=16,
+                              contraction="fma", scale_mode=mode,
+                              split_k=split)
+    y = kq.fwd(x, w, interpret=self.INTERPRET, tuning=cfg,
+               out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan, x.dtype))
+    assert y.dtype == x.dtype
+    assert _rel(y, kq.reference(x, w)) < TOL
+
+
+def test_vector_contraction_config_is_checked():
+  with pytest.raises(ValueError, match="block_m=1"):
+    tuning.TuningConfig(block_m=16, contraction="fma")
+  with pytest.raises(ValueError, match="contraction must be"):
+    tuning.TuningConfig(contraction="simd")
+  with pytest.raises(ValueError, match="only the 'mma'"):
+    kq.dx(jnp.ones((1, 24), jnp.bfloat16), _q(), interpret=True,
+          tuning=tuning.TuningConfig(block_m=1, contraction="fma"))
+
 
 @pytest.mark.gpu
 class TestQMatmulGpu(_KernelCases):
@@ -214,7 +243,10 @@ def test_gpu_lowering_never_holds_a_float_weight():
   """The lowered GPU program has no (N, K) float array: only packed codes."""
   n, k = 256, 512
   w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=4, group_size=64))
-  for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n))]:
+  fma = tuning.TuningConfig(block_m=1, block_n=64, contraction="fma",
+                            split_k=2)
+  for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n)),
+                (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k))]:
     lowered = jax.jit(fn).trace(jax.ShapeDtypeStruct(a, jnp.bfloat16),
                                 w).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
