@@ -432,12 +432,49 @@ def run_sweep(timer, deadline, workers):
   return out
 
 
+def run_probe(timer, deadline, workers):
+  """M = 1 fwd, 4-bit, at the two decode acceptance shapes: XLA bf16, the
+  table's kernel and a few vector-contraction ("fma") configs, each with its
+  poisoned-output error check. A one-minute look before a full sweep."""
+  from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
+  fma = [TuningConfig(block_m=1, block_n=bn, block_k=128, num_warps=w,
+                      num_stages=3, split_k=sp, contraction="fma")
+         for bn, w, sp in ((32, 2, 4), (64, 4, 4), (128, 4, 2), (64, 4, 8))]
+  shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
+  jobs = []
+  for n, k in shapes:
+    jobs += [j for j in make_bf16_jobs(1, n, k) if j.key[1] == "fwd"]
+    for cfg in [None] + fma:
+      jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,
+                                    which=("ours", "check"))
+               if j.key[1] == "fwd"]
+  _compile_all(jobs, workers, deadline)
+  res = time_jobs(jobs, timer, deadline)
+  rows = []
+  for job in jobs:
+    kind, _, _, n, k, _, cfg = job.key
+    if kind == "check":
+      continue
+    check = res.get(("check",) + job.key[1:])
+    v = res[job.key]
+    rows.append(dict(
+        impl=kind if kind == "bf16" else (cfg.contraction if cfg else "table"),
+        N=n, K=k, config=dataclasses.asdict(cfg) if cfg else None,
+        us=v * 1e3 if isinstance(v, float) else None,
+        rel_err=check if isinstance(check, float) else None,
+        error=None if isinstance(v, float) else (v or job.error)))
+    print("probe", rows[-1], flush=True)
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   ap.add_argument("--commit", default=os.environ.get("COMMIT", "uncommitted"))
   ap.add_argument("--peer", help="internal: run the torch peer into this file")
   ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--probe", action="store_true",
+                  help="only `run_probe` (M = 1 fwd, about a minute)")
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--bits", default=",".join(map(str, BITS)) + ",nf4")
@@ -456,6 +493,8 @@ def main():
   if args.peer:
     run_peer(args.peer, SHAPES, ms)
     return
+  if args.probe:
+    args.no_peer = True
 
   os.makedirs(args.out, exist_ok=True)
   peer_path = os.path.join(args.out, "peer_torch_kernels.json")
@@ -490,6 +529,12 @@ def main():
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
 
+  if args.probe:
+    result["probe"] = run_probe(timer, deadline, args.workers)
+    result["timing_method"] = timer.method
+    path = path.replace("kernels_", "kernels_probe_")
+    dump()
+    return
   result["ceilings"] = ceilings(timer)
   result["timing_method"] = timer.method
   print("ceilings", result["ceilings"], flush=True)
