@@ -437,9 +437,7 @@ def build_run(name: str, mesh, tiny: bool, batches,
     init = lambda p: train.init_state(p, method_obj, tx)
     step_sh = sharding.train_step_shardings(jax.eval_shape(init, params),
                                             mesh, rules)
-    # Donated: without it the state's params are a copy, and both copies of
-    # the weights set the process's peak.
-    state = jax.jit(init, out_shardings=step_sh[0], donate_argnums=0)(params)
+    state = train.jit_init_state(method_obj, tx, 0, step_sh[0])(params)
     jax.block_until_ready(state)
     del params
     build_s = time.time() - t0

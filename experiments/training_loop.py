@@ -238,16 +238,14 @@ class Trainer:
       init = lambda p: train.init_state(p, method, tx, c.seed)
       shardings = sharding.train_step_shardings(jax.eval_shape(init, params),
                                                 mesh)
+      build_state = train.jit_init_state(method, tx, c.seed, shardings[0])
       step_jit = train.make_train_step(apply_fn, method, tx,
                                        accum_steps=c.accum_steps,
                                        skip_nonfinite=c.on_nonfinite == "skip",
                                        shardings=shardings)
       return Trainer(
           lambda s, b: step_jit(s, sharding.shard_batch(b, mesh)), eval_step,
-          # Donated: the state's params reuse the placed buffers instead of
-          # holding a second copy of the weights while the state is built.
-          lambda p: jax.jit(init, out_shardings=shardings[0],
-                            donate_argnums=0)(sharding.place(p, param_sh)))
+          lambda p: build_state(sharding.place(p, param_sh)))
     schedule = hift_lib.HiFTSchedule(
         hift_lib.hift_units(params), group_size=c.hift.group_size,
         order=c.hift.order, seed=c.seed, lr_mode=c.hift.lr_mode)

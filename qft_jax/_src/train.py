@@ -123,6 +123,20 @@ def init_state(params: Any, method: Method, optimizer: optax.GradientTransformat
                     skipped=jnp.zeros((), jnp.int32))
 
 
+def jit_init_state(method: Method, optimizer: optax.GradientTransformation,
+                   seed: int = 0, out_shardings: Any = None
+                   ) -> Callable[[Any], TrainState]:
+  """`init_state` jitted with the params donated.
+
+  The state's params then reuse the input buffers: without the donation XLA
+  copies every weight into the state, and both copies are live while it is
+  built (twice the weights' bytes at the process's peak). The `params`
+  passed in are invalid afterwards.
+  """
+  return jax.jit(lambda p: init_state(p, method, optimizer, seed),
+                 out_shardings=out_shardings, donate_argnums=0)
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
