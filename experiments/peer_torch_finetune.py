@@ -435,7 +435,9 @@ def train(model, rows, mask, args, seed: int, torch, device) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Evaluate: qft_jax._src.tasks, mirrored
+# Evaluate: qft_jax._src.tasks, mirrored (the peer imports nothing from
+# qft_jax, so it runs on the PyTorch stack alone; tests/
+# test_peer_torch_finetune.py checks every mirror against the original)
 
 
 def label_token_ids(tokenizer, words) -> list[int]:

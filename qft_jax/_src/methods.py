@@ -235,8 +235,9 @@ def qft_method(rounding: str = "stochastic", weight_decay: float = 0.0,
   The trainable view holds a zero probe `(L, N, K)` in place of each
   `QFTWeight` (its gradient is the dense dL/dW, in the weight's compute
   dtype: bf16 for a bf16 model, half of a float32 gradient's memory) and
-  every other float leaf as is; the apply rule requantizes integer weights with stochastic rounding
-  and reports the fraction of int8 codes that changed. The optimizer sees
+  every other float leaf as is; the apply rule requantizes integer weights
+  with stochastic rounding and reports the fraction of int8 codes that
+  changed. The optimizer sees
   zero probes as the "params" of QFT weights, so decoupled weight decay for
   them is applied here, `u <- u - lr_t * weight_decay * W`, with `W`
   dequantized one matrix at a time (the optimizer's own decay still covers
