@@ -7,7 +7,9 @@ seeds, with the number of seeds; and an overview of each method's headline
 metric per task) and, per task, `loss_<task>.png` (training loss per method,
 first seed), `memory_<task>.png` (peak memory per method) and, where QFT ran,
 `codes_changed_<task>.png` (fraction of int8 codes changed per step).
-`<out_dir>` defaults to the results directory.
+`<out_dir>` defaults to the results directory. Tokens/s averages only the
+cells that had the device to themselves (`concurrent_cells` = 1, see
+reproduce.py's `--workers`).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def mean_std(values: list[float]) -> str:
 def task_table(task: str, methods: dict) -> str:
   metrics = METRICS.get(task, [])
   head = (["method", "base weights", "seeds"] + [t for t, _, _ in metrics]
-          + ["train loss", "peak GiB", "tok/s"])
+          + ["train loss", "peak GiB", "tok/s (cells run alone)"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for method in method_order(methods):
     recs = methods[method]
@@ -104,7 +106,8 @@ def task_table(task: str, methods: dict) -> str:
                            for r in recs]))
     row.append(mean_std([r["summary"].get("train_loss") for r in recs]))
     row.append(mean_std([r["summary"]["peak_bytes"] / GIB for r in recs]))
-    row.append(mean_std([r.get("tok_per_s") for r in recs]))
+    row.append(mean_std([r.get("tok_per_s") for r in recs
+                         if r.get("concurrent_cells", 1) == 1]))
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 

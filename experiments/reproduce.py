@@ -12,7 +12,12 @@ command, commit). Resumable: a cell whose JSON exists (without "error") is
 skipped. By default every cell runs in its own subprocess, so that the peak
 memory it reports is its own and a crash does not stop the grid; a failed
 cell's JSON carries "error" and is retried by the next invocation.
-`--in_process` runs the cells in this process instead (tests, notebooks).
+`--workers=N` runs N such subprocesses at once on the same accelerator (a
+135M model leaves most of an H100 idle; each gets 1/N of its memory) and
+records `concurrent_cells` = N in their JSON, since their tokens/s then
+share the device. `--in_process` runs the cells in this process instead
+(tests, notebooks). "zeroshot" is deterministic and runs at the first seed
+only.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ sys.path.insert(0, str(REPO))
 from experiments import training_loop  # pylint: disable=g-import-not-at-top
 from experiments.configs import reproduce as reproduce_configs  # pylint: disable=g-import-not-at-top
 
+CONCURRENT_ENV = "QFT_REPRODUCE_CONCURRENT_CELLS"
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(REPO / "experiments" / "configs" / "reproduce.py"),
     "Reproduction grid config (`path[:variant]`).", lock_config=True)
@@ -47,6 +54,8 @@ _IN_PROCESS = flags.DEFINE_bool(
     "in_process", False, "Run every cell in this process.")
 _FORCE = flags.DEFINE_bool(
     "force", False, "Re-run cells whose JSON already exists.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 1, "Cells run at once, each in its own subprocess.")
 _TIME_BUDGET = flags.DEFINE_float(
     "time_budget_s", 0.0, "Start no new cell after this many seconds (0: no "
     "limit), so a time-limited session ends between cells; run the same "
@@ -69,7 +78,8 @@ def cells(c) -> list[tuple[str, str, int]]:
       raise ValueError(f"unknown method preset {m!r}: choose from "
                        f"{list(reproduce_configs.PRESETS)}")
   seeds = [int(s) for s in _split(c.seeds)]
-  return [(t, m, s) for t in tasks for m in methods for s in seeds]
+  return [(t, m, s) for t in tasks for m in methods for s in seeds
+          if m != "zeroshot" or s == seeds[0]]
 
 
 def cell_json(c, task: str, method: str, seed: int) -> pathlib.Path:
@@ -159,6 +169,9 @@ def steady_tok_per_s(train_curve: dict, tokens_per_step: int) -> float | None:
 
 
 def _commit() -> str:
+  """$COMMIT when set (a copied tree whose git HEAD is stale), else HEAD."""
+  if os.environ.get("COMMIT"):
+    return os.environ["COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO,
                           capture_output=True, text=True,
@@ -197,6 +210,7 @@ def run_cell(c, task: str, method: str, seed: int, *, log=print,
             "command": command or " ".join(
                 ["python", "experiments/reproduce.py"] + sys.argv[1:]),
             "commit": _commit(), "device": jax.devices()[0].device_kind,
+            "concurrent_cells": int(os.environ.get(CONCURRENT_ENV, "1")),
             "config": json.loads(f.to_json())}
   start = time.time()
   try:
@@ -227,20 +241,45 @@ def is_done(path: pathlib.Path) -> bool:
     return False
 
 
+def _cell_env(workers: int) -> dict:
+  """A subprocess's environment: 1/`workers` of the accelerator's memory."""
+  env = dict(os.environ)
+  env[CONCURRENT_ENV] = str(workers)
+  if workers > 1:
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / workers:.3f}"
+  return env
+
+
 def run_grid(c, *, in_process: bool, force: bool = False,
-             time_budget_s: float = 0.0, log=print) -> dict:
-  """Runs every pending cell.
+             time_budget_s: float = 0.0, workers: int = 1,
+             log=print) -> dict:
+  """Runs every pending cell, up to `workers` subprocesses at a time.
 
   Returns:
     `{"done", "skipped", "failed", "pending"}` lists of `task/method/seed`
     ids; "pending" cells were not started because `time_budget_s` ran out.
   """
+  if workers < 1 or (in_process and workers > 1):
+    raise ValueError(f"workers={workers}: need >= 1, and 1 with in_process")
   report = {"done": [], "skipped": [], "failed": [], "pending": []}
   todo = cells(c)
   start = time.time()
+  running = []  # (cell_id, json path, Popen)
+
+  def reap() -> None:
+    """Records the finished subprocesses; sleeps a second if none has."""
+    finished = [item for item in running if item[2].poll() is not None]
+    for item in finished:
+      running.remove(item)
+      cell_id, path, proc = item
+      ok = proc.returncode == 0 and is_done(path)
+      report["done" if ok else "failed"].append(cell_id)
+    if not finished:
+      time.sleep(1.0)
+
   for i, (task, method, seed) in enumerate(todo):
-    cell_id = f"{task}/{method}/{seed}"
-    if not force and is_done(cell_json(c, task, method, seed)):
+    cell_id, path = f"{task}/{method}/{seed}", cell_json(c, task, method, seed)
+    if not force and is_done(path):
       report["skipped"].append(cell_id)
       continue
     if time_budget_s and time.time() - start > time_budget_s:
@@ -249,12 +288,16 @@ def run_grid(c, *, in_process: bool, force: bool = False,
     log(f"[{i + 1}/{len(todo)}] {cell_id}")
     if in_process:
       ok = "error" not in run_cell(c, task, method, seed, log=log)
-    else:
-      cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
-             *sys.argv[1:], f"--cell={cell_id}"]
-      ok = subprocess.run(cmd, check=False).returncode == 0
-      ok = ok and is_done(cell_json(c, task, method, seed))
-    report["done" if ok else "failed"].append(cell_id)
+      report["done" if ok else "failed"].append(cell_id)
+      continue
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
+           *sys.argv[1:], f"--cell={cell_id}"]
+    running.append((cell_id, path,
+                    subprocess.Popen(cmd, env=_cell_env(workers))))
+    while len(running) >= workers:
+      reap()
+  while running:
+    reap()
   return report
 
 
@@ -270,7 +313,8 @@ def main(argv):
       sys.exit(1)
     return
   report = run_grid(c, in_process=_IN_PROCESS.value, force=_FORCE.value,
-                    time_budget_s=_TIME_BUDGET.value)
+                    time_budget_s=_TIME_BUDGET.value,
+                    workers=_WORKERS.value)
   print(json.dumps({k: len(v) for k, v in report.items()}))
   if report["pending"]:
     print(f"time budget spent: {len(report['pending'])} cells pending; run "

@@ -1,7 +1,9 @@
 """experiments/reproduce.py and make_tables.py on a CPU-sized grid."""
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -56,8 +58,8 @@ def test_grid_runs_resumes_and_tabulates(tmp_path):
   c.max_steps, c.eval_limit = 2, 8
   logs = []
   report = reproduce.run_grid(c, in_process=True, log=logs.append)
-  assert report == {"done": ["sst2/zeroshot/0", "sst2/zeroshot/1",
-                             "sst2/lora/0", "sst2/lora/1"],
+  assert report == {"done": ["sst2/zeroshot/0", "sst2/lora/0",
+                             "sst2/lora/1"],
                     "skipped": [], "failed": [], "pending": []}
   rec = json.loads((tmp_path / "res" / "sst2" / "lora_s1.json").read_text())
   assert rec["task_metrics"]["n"] == 8 and rec["summary"]["steps"] == 2
@@ -73,3 +75,25 @@ def test_grid_runs_resumes_and_tabulates(tmp_path):
   assert f"{sum(accs) / 2:.2f} ± " in row and "(2)" in row
   assert (tmp_path / "out" / "loss_sst2.png").stat().st_size > 1000
   assert (tmp_path / "out" / "memory_sst2.png").exists()
+
+
+def test_workers_run_cells_side_by_side_in_subprocesses(tmp_path):
+  shared_path("models", "stories260K", "stories260K.bin")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, str(repo / "experiments" / "reproduce.py"),
+         "--config=" + str(repo / "experiments" / "configs" / "reproduce.py")
+         + ":cpu", "--config.methods=zeroshot,lora", "--config.tasks=sst2",
+         "--config.seeds=0,1", "--config.max_steps=1", "--config.eval_limit=4",
+         f"--config.results_dir={tmp_path / 'res'}",
+         f"--config.work_dir={tmp_path / 'work'}", "--workers=2"]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       env=dict(os.environ, COMMIT="abc123"), timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+      "done": 3, "skipped": 0, "failed": 0, "pending": 0}
+  made = sorted(p.name for p in (tmp_path / "res" / "sst2").iterdir())
+  assert made == ["lora_s0.json", "lora_s1.json", "zeroshot_s0.json"]
+  for name in made:
+    rec = json.loads((tmp_path / "res" / "sst2" / name).read_text())
+    assert rec["concurrent_cells"] == 2 and rec["commit"] == "abc123"
+    assert "error" not in rec
