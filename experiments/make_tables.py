@@ -187,6 +187,22 @@ def _save(fig, path: pathlib.Path) -> str:
   return path.name
 
 
+def provenance(task: str, methods: dict) -> str:
+  """Devices and commits (with cell counts) and one command for the table."""
+  recs = [r for rs in methods.values() for r in rs]
+  count = lambda key, n=None: ", ".join(
+      f"{k} ({v})" for k, v in collections.Counter(
+          str(r.get(key, "?"))[:n] for r in recs).most_common())
+  seeds = sorted({r["seed"] for r in recs})
+  cmd = ("python experiments/reproduce.py "
+         "--config=experiments/configs/reproduce.py "
+         f"--config.tasks={task} --config.methods={','.join(method_order(methods))} "
+         f"--config.seeds={','.join(map(str, seeds))}")
+  return (f"Devices: {count('device')}; commits: {count('commit', 7)} "
+          f"(cells per value). Command (add `--config.base.model=<gguf>`; "
+          f"each cell's JSON holds the exact command that made it): `{cmd}`")
+
+
 def make_report(results_dir: pathlib.Path, out_dir: pathlib.Path) -> str:
   """Writes tables.md and the plots; returns the markdown."""
   records = load_records(results_dir)
@@ -199,11 +215,7 @@ def make_report(results_dir: pathlib.Path, out_dir: pathlib.Path) -> str:
            "## Overview (headline metric per task)", "",
            overview_table(records)]
   for task in sorted(records):
-    any_rec = next(iter(records[task].values()))[0]
-    parts += ["", f"## {task}", "",
-              f"Device: {any_rec.get('device')}; commit "
-              f"{any_rec.get('commit', '?')[:10]}; command: "
-              f"`{any_rec.get('command')}`", "",
+    parts += ["", f"## {task}", "", provenance(task, records[task]), "",
               task_table(task, records[task]), ""]
     parts += [f"![{f}]({f})" for f in plot_task(task, records[task], out_dir)]
   text = "\n".join(parts) + "\n"
