@@ -27,6 +27,7 @@ import inspect
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -277,33 +278,50 @@ def run_grid(c, *, in_process: bool, force: bool = False,
     if not finished:
       time.sleep(1.0)
 
-  for i, (task, method, seed) in enumerate(todo):
-    cell_id, path = f"{task}/{method}/{seed}", cell_json(c, task, method, seed)
-    if not force and is_done(path):
-      report["skipped"].append(cell_id)
-      continue
-    if time_budget_s and time.time() - start > time_budget_s:
-      report["pending"].append(cell_id)
-      continue
-    log(f"[{i + 1}/{len(todo)}] {cell_id}")
-    if in_process:
-      ok = "error" not in run_cell(c, task, method, seed, log=log)
-      report["done" if ok else "failed"].append(cell_id)
-      continue
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
-           *sys.argv[1:], f"--cell={cell_id}"]
-    running.append((cell_id, path,
-                    subprocess.Popen(cmd, env=_cell_env(workers))))
-    while len(running) >= workers:
+  try:
+    for i, (task, method, seed) in enumerate(todo):
+      cell_id = f"{task}/{method}/{seed}"
+      path = cell_json(c, task, method, seed)
+      if not force and is_done(path):
+        report["skipped"].append(cell_id)
+        continue
+      if time_budget_s and time.time() - start > time_budget_s:
+        report["pending"].append(cell_id)
+        continue
+      log(f"[{i + 1}/{len(todo)}] {cell_id}")
+      if in_process:
+        ok = "error" not in run_cell(c, task, method, seed, log=log)
+        report["done" if ok else "failed"].append(cell_id)
+        continue
+      cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
+             *sys.argv[1:], f"--cell={cell_id}"]
+      running.append((cell_id, path,
+                      subprocess.Popen(cmd, env=_cell_env(workers))))
+      while len(running) >= workers:
+        reap()
+    while running:
       reap()
-  while running:
-    reap()
+  finally:  # interrupted (SIGTERM, Ctrl-C): stop the cells still running
+    for _, _, proc in running:
+      proc.terminate()
+    for _, _, proc in running:
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
   return report
+
+
+def _exit_on_sigterm(signum, frame):
+  del frame
+  sys.exit(128 + signum)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # `timeout` sends SIGTERM: exit through run_grid's cleanup of its cells.
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   c = _CONFIG.value
   if _CELL.value:
     task, method, seed = _CELL.value.split("/")

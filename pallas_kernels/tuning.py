@@ -2,7 +2,7 @@
 
 A `TuningConfig` is static (frozen, hashable): one compiled kernel per config.
 `choose(...)` picks one per shape class from a small table chosen by a sweep
-on an H100 (docs_internal/kernels.md, experiments/results/kernels_h100_*):
+on an H100 (WORKSPACE.md section 4, experiments/results/kernels_h100_*):
 decode (M <= 16) should be bound by the bytes of the packed weight, so its
 tiles are thin in M and narrow in N and the contraction is split until about
 a thousand programs share the GPU; prefill / training (M >= 256) should be
@@ -127,8 +127,8 @@ DECODE_MAX_M = 16
 TRAIN_MIN_M = 256
 
 # (op, shape class) -> config, from the sweep of run 1 on an H100
-# (docs_internal/kernels.md). block_k is the per-plane word tile before
-# `choose` scales it with the codes per word.
+# (experiments/results/kernels_h100_2026-11-27_run1.json). block_k is the
+# per-plane word tile before `choose` scales it with the codes per word.
 _TABLE = {
     ("fwd", "decode"): TuningConfig(block_m=16, block_n=32, block_k=128,
                                     num_warps=2, num_stages=5,

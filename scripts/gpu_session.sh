@@ -4,6 +4,14 @@
 #
 #   bash scripts/gpu_session.sh stage-part .stage/p0/part00   # call 1
 #   bash scripts/gpu_session.sh run python experiments/reproduce.py ...  # call 2+
+#   bash scripts/gpu_session.sh reproduce --config=...:headline --workers=4
+#
+# `reproduce` runs experiments/reproduce.py with its results in /root/res
+# (outside the tree the device tool re-copies on every call, so finished
+# cells survive between calls), seeded from experiments/results/reproduce;
+# stops it after $REPRO_TIMEOUT seconds (default 540; its running cells are
+# stopped with it) and puts the cell JSONs this call wrote in
+# $OUT/reproduce_cells.tgz (paths `<task>/<method>_s<seed>.json`).
 #
 # What it expects to have been carried (git-ignored folders):
 #   .stage/p0/part00, .stage/p1/part01  the SmolLM2 GGUF split in two (one
@@ -46,5 +54,14 @@ mode=$1; shift
 case $mode in
   stage-part) ls -la $STAGE ;;
   run) "$@" ;;
+  reproduce)
+    mkdir -p /root/res && cp -r --update=none experiments/results/reproduce/. /root/res/
+    marker=$(mktemp)
+    timeout "${REPRO_TIMEOUT:-540}" python3 experiments/reproduce.py "$@" \
+      --config.results_dir=/root/res --config.base.model="$SMOLLM2_GGUF" \
+      || echo "reproduce.py exited with $?"
+    (cd /root/res && find . -name '*.json' -newer "$marker" \
+      | tar czf "$OUT/reproduce_cells.tgz" -T -)
+    tar tzf "$OUT/reproduce_cells.tgz" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac

@@ -3,8 +3,10 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,3 +99,36 @@ def test_workers_run_cells_side_by_side_in_subprocesses(tmp_path):
     rec = json.loads((tmp_path / "res" / "sst2" / name).read_text())
     assert rec["concurrent_cells"] == 2 and rec["commit"] == "abc123"
     assert "error" not in rec
+
+
+def _cell_processes(marker: str) -> list[int]:
+  pids = []
+  for proc in pathlib.Path("/proc").iterdir():
+    try:
+      cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+      continue
+    if "--cell=" in cmdline and marker in cmdline:
+      pids.append(int(proc.name))
+  return pids
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="needs /proc")
+def test_sigterm_stops_the_running_cells(tmp_path):
+  shared_path("models", "stories260K", "stories260K.bin")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, str(repo / "experiments" / "reproduce.py"),
+         "--config=" + str(repo / "experiments" / "configs" / "reproduce.py")
+         + ":cpu", "--config.methods=lora", "--config.tasks=sst2",
+         "--config.seeds=0,1", "--config.max_steps=100000",
+         f"--config.results_dir={tmp_path / 'res'}",
+         f"--config.work_dir={tmp_path / 'work'}", "--workers=2"]
+  parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while len(_cell_processes(str(tmp_path))) < 2 and time.time() < deadline:
+    time.sleep(0.5)
+  assert len(_cell_processes(str(tmp_path))) == 2
+  parent.send_signal(signal.SIGTERM)
+  assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+  assert not _cell_processes(str(tmp_path))
