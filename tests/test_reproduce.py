@@ -132,3 +132,31 @@ def test_sigterm_stops_the_running_cells(tmp_path):
   parent.send_signal(signal.SIGTERM)
   assert parent.wait(timeout=60) == 128 + signal.SIGTERM
   assert not _cell_processes(str(tmp_path))
+
+
+def test_every_method_preset_trains_and_evaluates(tmp_path):
+  """One step and a 4-sentence evaluation for every preset of the grid.
+
+  stories260K's FFN width 172 is no multiple of 8, the codes in one 3-bit
+  word: the 3-bit presets must refuse it by name.
+  """
+  shared_path("models", "stories260K", "stories260K.bin")
+  c = configs.get_config("cpu")
+  c.methods, c.tasks, c.seeds = ",".join(configs.PRESETS), "sst2", "0"
+  c.results_dir, c.work_dir = str(tmp_path / "res"), str(tmp_path / "work")
+  c.max_steps, c.eval_limit = 1, 4
+  report = reproduce.run_grid(c, in_process=True, log=lambda _: None)
+  record = lambda m: json.loads(
+      (tmp_path / "res" / "sst2" / f"{m}_s0.json").read_text())
+  three_bit = [m for m, p in configs.PRESETS.items()
+               if p.get("method", {}).get("bits") == 3]
+  assert sorted(three_bit) == ["apiq3", "modulora_gptq3", "peqa3"]
+  assert sorted(report["failed"]) == sorted(f"sst2/{m}/0" for m in three_bit)
+  for method in three_bit:
+    assert ("input dimension 172 is not a multiple of 8, the number of 3-bit "
+            "codes packed in one word") in record(method)["error"]
+  for method in set(configs.PRESETS) - set(three_bit):
+    rec = record(method)
+    assert "error" not in rec, rec["error"][-2000:]
+    assert rec["task_metrics"]["n"] == 4
+    assert rec["summary"]["steps"] == (0 if method == "zeroshot" else 1)
