@@ -98,10 +98,10 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], add_bos: bool,
 @functools.partial(jax.jit, static_argnames=("config",))
 def _label_logits(params, config, tokens, mask, last, label_ids):
   """Logits `(B, C)` of `label_ids` at position `last` `(B,)` of each row."""
-  logits = llama.Llama(config).apply({"params": params}, tokens,
-                                     attention_mask=mask)
-  at_last = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-  return at_last[:, label_ids]
+  hidden = llama.Llama(config).apply({"params": params}, tokens,
+                                     attention_mask=mask, return_hidden=True)
+  at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  return llama.head_logits(params, config, at_last)[:, label_ids]
 
 
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
@@ -197,10 +197,11 @@ def _greedy_padded(params, config, tokens, mask, max_new_tokens, eos_id):
       [mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)
   positions = jnp.maximum(jnp.arange(t)[None, :] - pad[:, None], 0)
   cache = generate_lib.init_cache(config, b, t + max_new_tokens)
-  logits, cache = model.apply({"params": params}, tokens, positions=positions,
+  hidden, cache = model.apply({"params": params}, tokens, positions=positions,
                               attention_mask=key_mask, cache=cache,
-                              cache_index=0)
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+                              cache_index=0, return_hidden=True)
+  logits = llama.head_logits(params, config, hidden[:, -1])  # not (B, T, V)
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   fill = 0 if eos_id is None else eos_id
   out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
   done = (jnp.zeros((b,), bool) if eos_id is None else first == eos_id)

@@ -53,9 +53,12 @@ def _generate(params, config, prompt_ids, rng, max_new_tokens, temperature,
               top_k, eos_id):
   b, t = prompt_ids.shape
   cache = init_cache(config, b, t + max_new_tokens)
-  logits, cache = decode_step(params, config, prompt_ids, cache, 0)
+  hidden, cache = llama.Llama(config).apply(
+      {"params": params}, prompt_ids, cache=cache, cache_index=0,
+      return_hidden=True)
+  logits = llama.head_logits(params, config, hidden[:, -1])  # not (B, T, V)
   keys = jax.random.split(rng, max_new_tokens)
-  first = _pick(logits[:, -1], keys[0], temperature, top_k)
+  first = _pick(logits, keys[0], temperature, top_k)
   done = jnp.zeros((b,), bool) if eos_id is None else first == eos_id
 
   def step(carry, key):

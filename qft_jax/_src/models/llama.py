@@ -353,7 +353,8 @@ class Llama(nn.Module):
   With `cache` (a dict of `k`, `v` arrays `(L, B, S, H_kv, D_h)`) the new
   keys/values are written at `cache_index` and `(logits, cache)` is returned.
   With `return_hidden=True` the final normalized hidden states `(B, T, D)`
-  are returned instead of logits (see `head_logits`).
+  are returned instead of logits (see `head_logits`), so a caller that needs
+  a few positions' logits never materializes `(B, T, V)`.
   """
   config: LlamaConfig
 
@@ -384,7 +385,7 @@ class Llama(nn.Module):
     x, cache = stack(c, name="layers")(x, cos, sin, mask, cache_index, cache)
     x = RMSNorm(c, name="final_norm")(x)
     if return_hidden:  # the caller applies the head (e.g. chunked loss)
-      return x
+      return x if cache is None else (x, cache)
     if c.tie_word_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(x.dtype))
     else:
