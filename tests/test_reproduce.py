@@ -79,15 +79,20 @@ def test_grid_runs_resumes_and_tabulates(tmp_path):
   assert (tmp_path / "out" / "memory_sst2.png").exists()
 
 
-def test_workers_run_cells_side_by_side_in_subprocesses(tmp_path):
+def _cli(tmp_path, *flags: str) -> list[str]:
+  """reproduce.py on the CPU grid's sst2 cells, seeds 0 and 1, 2 workers."""
   shared_path("models", "stories260K", "stories260K.bin")
   repo = pathlib.Path(__file__).resolve().parents[1]
-  cmd = [sys.executable, str(repo / "experiments" / "reproduce.py"),
-         "--config=" + str(repo / "experiments" / "configs" / "reproduce.py")
-         + ":cpu", "--config.methods=zeroshot,lora", "--config.tasks=sst2",
-         "--config.seeds=0,1", "--config.max_steps=1", "--config.eval_limit=4",
-         f"--config.results_dir={tmp_path / 'res'}",
-         f"--config.work_dir={tmp_path / 'work'}", "--workers=2"]
+  return [sys.executable, str(repo / "experiments" / "reproduce.py"),
+          "--config=" + str(repo / "experiments" / "configs" / "reproduce.py")
+          + ":cpu", "--config.tasks=sst2", "--config.seeds=0,1",
+          f"--config.results_dir={tmp_path / 'res'}",
+          f"--config.work_dir={tmp_path / 'work'}", "--workers=2", *flags]
+
+
+def test_workers_run_cells_side_by_side_in_subprocesses(tmp_path):
+  cmd = _cli(tmp_path, "--config.methods=zeroshot,lora",
+             "--config.max_steps=1", "--config.eval_limit=4")
   out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                        env=dict(os.environ, COMMIT="abc123"), timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -115,14 +120,7 @@ def _cell_processes(marker: str) -> list[int]:
 
 @pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="needs /proc")
 def test_sigterm_stops_the_running_cells(tmp_path):
-  shared_path("models", "stories260K", "stories260K.bin")
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  cmd = [sys.executable, str(repo / "experiments" / "reproduce.py"),
-         "--config=" + str(repo / "experiments" / "configs" / "reproduce.py")
-         + ":cpu", "--config.methods=lora", "--config.tasks=sst2",
-         "--config.seeds=0,1", "--config.max_steps=100000",
-         f"--config.results_dir={tmp_path / 'res'}",
-         f"--config.work_dir={tmp_path / 'work'}", "--workers=2"]
+  cmd = _cli(tmp_path, "--config.methods=lora", "--config.max_steps=100000")
   parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
