@@ -5,8 +5,8 @@
 
 computed straight from the packed codes of a `QArray` (2/3/4/8-bit uniform
 codes with or without zero points, or NF4 codebook codes; any group size that
-is a multiple of 16, or per-channel), bf16 or f16 activations, float32
-accumulation. The weight is never written to device memory in float.
+is a multiple of 16, or per-channel; float or double-quantized scales), bf16
+or f16 activations, float32 accumulation. The weight is never written to device memory in float.
 
 `can_use` / `can_use_dx` say whether the kernels apply (backend, dtypes,
 shapes) and why not; `qft_jax`'s `qdot` falls back to XLA when they refuse.
@@ -60,8 +60,10 @@ def _weight_reason(w) -> str | None:
     return f"{w.bits}-bit codes are not supported"
   if w.codebook is not None and w.codebook not in qa.CODEBOOKS:
     return f"unknown codebook {w.codebook!r}"
-  if not jnp.issubdtype(w.scale.dtype, jnp.floating):
-    return f"scales must be float, got {w.scale.dtype}"
+  if (not isinstance(w.scale, qa.QArray)
+      and not jnp.issubdtype(w.scale.dtype, jnp.floating)):
+    return ("scales must be float (or a double-quantized QArray), got "
+            f"{w.scale.dtype}")
   if w.zero_point is not None and w.zero_point.dtype != jnp.uint8:
     return f"zero points must be uint8, got {w.zero_point.dtype}"
   layout = tiles.layout_of(w)

@@ -78,8 +78,14 @@ def layout_of(w: qa.QArray) -> Layout:
 
 
 def weight_operands(w: qa.QArray, layout: Layout) -> list[jax.Array]:
-  """The kernel's weight inputs: q (N, B, Kw), scale, [zero], [levels]."""
-  ops = [w.qvalue.reshape(layout.n, layout.nbytes, layout.kw), w.scale]
+  """The kernel's weight inputs: q (N, B, Kw), scale, [zero], [levels].
+
+  Double-quantized scales (QLoRA's nested QArray) are expanded to their
+  float32 `(N, G)` matrix first: N * G values, K / g times fewer than the
+  weight's, so the weight itself is still never written in float.
+  """
+  scale = w.scale if not isinstance(w.scale, qa.QArray) else qa.dense_scale(w)
+  ops = [w.qvalue.reshape(layout.n, layout.nbytes, layout.kw), scale]
   if layout.has_zero:
     ops.append(w.zero_point)
   if layout.codebook is not None:

@@ -19,6 +19,7 @@ from pallas_kernels import qmatmul as kq
 from pallas_kernels import tuning
 from qft_jax._src import qarray as qa
 from qft_jax._src import qmatmul as qm
+from qft_jax._src.quantizers import nf4
 
 TOL = 1e-2  # bf16 / f16 inputs, float32 accumulation
 
@@ -108,6 +109,19 @@ class _KernelCases:
     dx = kq.dx(dy, w, interpret=self.INTERPRET,
                out_init=jnp.full(x.shape, jnp.nan, x.dtype))
     assert y.dtype == jnp.float16 and dx.dtype == jnp.float16
+    assert _rel(y, kq.reference(x, w)) < TOL
+    assert _rel(dx, kq.reference_dx(dy, w)) < TOL
+
+  def test_double_quantized_scales(self):
+    """QLoRA's scales are themselves an 8-bit QArray (double quantization)."""
+    w, x, dy = _inputs((4, 64, True, "nf4", 3, 40, 128),
+                       seed=np.random.randint(1 << 30))
+    w = dataclasses.replace(w, scale=nf4.double_quantize(w.scale))
+    assert kq.can_use(x, w, interpret=self.INTERPRET)[0]
+    y = kq.fwd(x, w, interpret=self.INTERPRET, tuning=SMALL_TILES[0],
+               out_init=jnp.full((3, 40), jnp.nan, x.dtype))
+    dx = kq.dx(dy, w, interpret=self.INTERPRET, tuning=SMALL_TILES[1],
+               out_init=jnp.full(x.shape, jnp.nan, x.dtype))
     assert _rel(y, kq.reference(x, w)) < TOL
     assert _rel(dx, kq.reference_dx(dy, w)) < TOL
 

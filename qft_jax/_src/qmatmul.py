@@ -30,7 +30,7 @@ from qft_jax._src import qarray as qa
 from qft_jax._src import sharding
 
 TRAINABLE_MODES = ("none", "scale", "weight")
-IMPLEMENTATIONS = (None, "xla", "pallas")
+IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +76,16 @@ def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
       x2d.shape[0] > AUTO_PALLAS_MAX_M
       or (gate == "can_use_dx" and w.bits == 3)):
     return False
+  forced = implementation in ("pallas", "pallas_interpret")
   try:
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
   except ImportError:
-    if implementation == "pallas":
+    if forced:
       raise
     return False
-  ok, reason = getattr(kernels, gate)(x2d, w)
-  if implementation == "pallas" and not ok:
+  ok, reason = getattr(kernels, gate)(
+      x2d, w, interpret=implementation == "pallas_interpret")
+  if forced and not ok:
     raise ValueError(f"the Pallas qmatmul kernel cannot run here: {reason}")
   return ok
 
@@ -103,7 +105,7 @@ def _forward(x2d: jax.Array, w: qa.QArray, sparse, implementation
              ) -> jax.Array:
   if sparse is None and _use_pallas(x2d, w, implementation):
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
-    return kernels.fwd(x2d, w)
+    return kernels.fwd(x2d, w, interpret=implementation == "pallas_interpret")
   wd = _dense_weight(w, sparse, x2d.dtype)
   return jnp.dot(x2d, wd.T, preferred_element_type=jnp.float32
                  ).astype(x2d.dtype)
@@ -114,7 +116,7 @@ def _input_grad(dy2d: jax.Array, w: qa.QArray, sparse, implementation
   if sparse is None and _use_pallas(dy2d, w, implementation,
                                     gate="can_use_dx"):
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
-    return kernels.dx(dy2d, w)
+    return kernels.dx(dy2d, w, interpret=implementation == "pallas_interpret")
   wd = _dense_weight(w, sparse, dy2d.dtype)
   return jnp.dot(dy2d, wd, preferred_element_type=jnp.float32
                  ).astype(dy2d.dtype)
@@ -173,7 +175,9 @@ def qdot(x: jax.Array, w: qa.QArray, *, trainable: str = "none",
     trainable: "none" (dx only), "scale" (dx and d scale) or "weight" (dx and
       dW through `weight_probe`).
     implementation: None (Pallas kernels on GPU when their gate passes, else
-      XLA), "xla" or "pallas" (raises if the kernels cannot run).
+      XLA), "xla", "pallas" (raises if the kernels cannot run) or
+      "pallas_interpret" (the kernels in the Pallas interpreter, any backend:
+      slow, for checking a model's Pallas path on a CPU).
     weight_probe: float `(N, K)`, required iff trainable == "weight"; its
       value is ignored and its cotangent is dL/dW.
     sparse: optional float outliers `S` as `(flat_index int32 (n,), values
