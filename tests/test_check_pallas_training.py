@@ -1,4 +1,4 @@
-"""experiments/check_pallas_training.py on the CPU (Pallas interpreter)."""
+"""experiments/check_pallas_training.py's logic on the CPU (interpreter)."""
 
 import pathlib
 import sys
@@ -9,7 +9,7 @@ from conftest import shared_path
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from experiments import check_pallas_training as check  # pylint: disable=g-import-not-at-top
+from experiments import pallas_vs_xla as check  # pylint: disable=g-import-not-at-top
 from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
 
 
