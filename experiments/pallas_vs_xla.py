@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import pathlib
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_models
+from qft_jax._src import data as data_lib
+from qft_jax._src import methods
+from qft_jax._src import train
+
 
 def byte_batches(path: str, n: int, batch: int, seq_len: int, seed: int = 0):
   """`n` Batches of random windows of the file's bytes (ids 0..255)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import data as data_lib  # pylint: disable=g-import-not-at-top
   text = pathlib.Path(path)
   if not text.is_file():
     raise FileNotFoundError(f"training text {path} not found (--text)")
@@ -38,16 +46,11 @@ def byte_batches(path: str, n: int, batch: int, seq_len: int, seed: int = 0):
 def train_curve(config, implementation: str, batches, lr: float,
                 loss_chunk: int) -> tuple[list[float], list[float]]:
   """Losses and step times of one run from bench_train's "qlora" params."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import bench_models  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import methods  # pylint: disable=g-import-not-at-top
-  from qft_jax._src import train  # pylint: disable=g-import-not-at-top
   config = dataclasses.replace(config, matmul_implementation=implementation,
                                lora_alpha=32.0)
   opts = dict(bench_models.ROWS["qlora"][4])
   params = bench_models.build_params(config, "qlora", opts,
-                                    jax.random.PRNGKey(0))
+                                     jax.random.PRNGKey(0))
   method = methods.make_method(
       methods.MethodConfig(name="qlora", bits=4, group_size=64), params)
   tx = methods.make_optimizer("adamw", lr)
@@ -66,7 +69,6 @@ def train_curve(config, implementation: str, batches, lr: float,
 
 def compare(xla: list[float], pallas: list[float], tol: float) -> dict:
   """Per-step relative differences and the verdict."""
-  import math  # pylint: disable=g-import-not-at-top
   rel = [abs(p - x) / abs(x) for x, p in zip(xla, pallas)]
   finite = all(math.isfinite(v) for v in xla + pallas)
   return {"rel_diff": rel, "max_rel_diff": max(rel),
@@ -75,9 +77,11 @@ def compare(xla: list[float], pallas: list[float], tol: float) -> dict:
 
 def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
         lr: float, tol: float, text: str) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import bench_models  # pylint: disable=g-import-not-at-top
+  """Both runs and their comparison, as the launcher's JSON record.
+
+  `tiny`: bench_models' tiny shape in bf16, batch 2 x 32 tokens (overriding
+  `batch` and `seq_len`), the kernels in the Pallas interpreter.
+  """
   config = bench_models.model_config("7b", tiny)
   if tiny:  # bf16 like the GPU run: the kernels take bf16/f16 activations
     batch, seq_len = 2, 32
