@@ -4,9 +4,10 @@ A `TuningConfig` is static (frozen, hashable): one compiled kernel per config.
 `choose(...)` picks one per shape class from a small table chosen by a sweep
 on an H100 (WORKSPACE.md section 4, experiments/results/kernels_h100_*):
 decode (M <= 16) should be bound by the bytes of the packed weight, so its
-tiles are thin in M and narrow in N and the contraction is split until about
-a thousand programs share the GPU; prefill / training (M >= 256) should be
-bound by the matrix units, so its tiles are the large ones of a bf16 GEMM.
+tiles are thin in M and narrow in N and the contraction is split over several
+programs (fwd: 4, as measured best; dx: until about a thousand programs share
+the GPU); prefill / training (M >= 256) should be bound by the matrix units,
+so its tiles are the large ones of a bf16 GEMM.
 
 Word tiles. The kernels walk K in tiles of `block_k` packed *words* per plane
 (a word holds `codes_per_word` codes, see qft_jax/_src/qarray.py), so one step
@@ -118,7 +119,7 @@ def effective_split(split_k: int, trips: int) -> int:
   return max(1, min(split_k, trips))
 
 
-# Programs a decode launch aims for: ~8 resident per SM on a 132-SM H100.
+# Programs a dx decode launch aims for: ~8 resident per SM on a 132-SM H100.
 DECODE_TARGET_PROGRAMS = 1024
 MAX_SPLIT = 8
 
@@ -130,9 +131,13 @@ TRAIN_MIN_M = 256
 # (experiments/results/kernels_h100_2026-11-27_run1.json). block_k is the
 # per-plane word tile before `choose` scales it with the codes per word.
 _TABLE = {
-    ("fwd", "decode"): TuningConfig(block_m=16, block_n=32, block_k=128,
-                                    num_warps=2, num_stages=5,
-                                    scale_mode="activations"),
+    # Run 2's decode sweep (kernels_h100_2026-11-27.json, "sweep"; M = 16,
+    # 4-bit): 11.5 / 23.7 us at N x K = 4096^2 / 11008x4096 against 13.0 /
+    # 27.3 for run 1's entry (block_n 32, 2 warps, 5 stages, split to 1,024
+    # programs). Its split is fixed, not grown with the program count.
+    ("fwd", "decode"): TuningConfig(block_m=16, block_n=64, block_k=128,
+                                    num_warps=4, num_stages=3,
+                                    scale_mode="activations", split_k=4),
     ("fwd", "mid"): TuningConfig(block_m=128, block_n=64, block_k=64,
                                  num_warps=4, num_stages=3,
                                  scale_mode="weights"),
@@ -165,8 +170,9 @@ def choose(op: str, m: int, n: int, k: int, bits: int) -> TuningConfig:
   Outside decode, one K step covers `codes_per_word * block_k` columns; the
   word tile shrinks with the codes per word to keep that <= 128 (the x tiles
   of all planes share the pipeline's shared memory, and dx keeps one float32
-  accumulator per plane in registers). Decode splits the contraction until
-  about `DECODE_TARGET_PROGRAMS` programs run.
+  accumulator per plane in registers). Decode: fwd takes the table's split;
+  dx splits its contraction until about `DECODE_TARGET_PROGRAMS` programs
+  run.
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
@@ -176,9 +182,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int) -> TuningConfig:
   if cls != "decode":
     return dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))
   if op == "fwd":
-    tiles = -(-n // cfg.block_n)
-  else:
-    tiles = max(1, (k // cpw) // cfg.block_k)
+    return cfg
+  tiles = max(1, (k // cpw) // cfg.block_k)
   split = 1
   while split < MAX_SPLIT and tiles * split < DECODE_TARGET_PROGRAMS:
     split *= 2

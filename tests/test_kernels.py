@@ -268,3 +268,16 @@ def test_gpu_lowering_never_holds_a_float_weight():
     for dt in ("bf16", "f16", "f32"):
       assert f"tensor<{n}x{k}x{dt}>" not in text
       assert f"tensor<{n}x{k // 2}x2x{dt}>" not in text
+
+
+def test_decode_table_is_run_two_sweep_winner():
+  """fwd decode: block_n 64, 4 warps, 3 stages, split 4 (measured best);
+  dx decode still splits toward DECODE_TARGET_PROGRAMS programs."""
+  for m, n in ((1, 4096), (16, 11008)):
+    cfg = tuning.choose("fwd", m, n, 4096, 4)
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.split_k) == (
+        64, 4, 3, 4)
+  dx = tuning.choose("dx", 1, 4096, 4096, 4)
+  tiles = (4096 // 8) // dx.block_k
+  assert dx.split_k == min(tuning.MAX_SPLIT,
+                           -(-tuning.DECODE_TARGET_PROGRAMS // tiles))
