@@ -46,6 +46,22 @@ METRICS = {
     "alpaca": [("loss", "loss", 1.0)],
 }
 GIB = 1024 ** 3
+LOWER_IS_BETTER = ("ppl", "loss")  # task_metrics keys
+
+# The papers' claims: (claim, method, baseline, kind, threshold). "rel": the
+# method falls short of the baseline's headline metric by at most
+# `threshold` of it; "points": by at most `threshold` absolute; "beats": the
+# method's mean is better.
+CLAIMS = [
+    ("QFT within 2 % of full FT", "qft", "full_adamw", "rel", 0.02),
+    ("PEQA 4-bit within 3 % of LoRA", "peqa4", "lora", "rel", 0.03),
+    ("ApiQ-bw 2-bit beats LoftQ 2-bit", "apiq2", "loftq2", "beats", None),
+    ("ApiQ-bw 2-bit beats QLoRA 2-bit", "apiq2", "qlora2_rtn", "beats", None),
+    ("ModuLoRA 3-bit within 1 point of QLoRA 4-bit", "modulora_gptq3",
+     "qlora4", "points", 1.0),
+    ("HiFT within 2 % of full FT", "hift_bottom_up", "full_adamw", "rel",
+     0.02),
+]
 
 
 def load_records(results_dir: pathlib.Path) -> dict:
@@ -133,6 +149,49 @@ def overview_table(records: dict) -> str:
   return "\n".join(lines)
 
 
+def _headline(task: str, recs: list[dict]) -> list[float]:
+  _, key, scale = METRICS[task][0]
+  return [r["task_metrics"][key] * scale for r in recs]
+
+
+def welch_t(a: list[float], b: list[float]) -> float | None:
+  """Welch's t of mean(a) - mean(b); None with fewer than 2 values a side."""
+  if len(a) < 2 or len(b) < 2:
+    return None
+  se = math.sqrt(statistics.variance(a) / len(a)
+                 + statistics.variance(b) / len(b))
+  diff = statistics.fmean(a) - statistics.fmean(b)
+  return math.inf if se == 0 and diff else (diff / se if se else 0.0)
+
+
+def claims_table(records: dict) -> str:
+  """Each claim on each task where both cells ran, and whether it holds."""
+  head = ["claim", "task", "method", "baseline", "shortfall", "Welch t",
+          "holds"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for claim, method, base, kind, threshold in CLAIMS:
+    for task in [t for t in METRICS if t in records]:
+      if method not in records[task] or base not in records[task]:
+        continue
+      m, b = (_headline(task, records[task][x]) for x in (method, base))
+      sign = -1.0 if METRICS[task][0][1] in LOWER_IS_BETTER else 1.0
+      short = sign * (statistics.fmean(b) - statistics.fmean(m))
+      if kind == "rel":
+        gap, holds = f"{100 * short / statistics.fmean(b):.2f} %", (
+            short <= threshold * statistics.fmean(b))
+      elif kind == "points":
+        gap, holds = f"{short:.2f}", short <= threshold
+      else:
+        gap, holds = f"{short:.2f}", short < 0
+      t = welch_t(m, b)
+      lines.append("| " + " | ".join([
+          claim, f"{task} {METRICS[task][0][0]}",
+          f"{method} {mean_std(m)}", f"{base} {mean_std(b)}", gap,
+          "—" if t is None else f"{sign * t:.1f}",
+          "yes" if holds else "**no**"]) + " |")
+  return "\n".join(lines)
+
+
 def plot_task(task: str, methods: dict, out_dir: pathlib.Path) -> list[str]:
   """Loss curves, memory bars and (QFT) code-change plots; returns files."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -213,7 +272,14 @@ def make_report(results_dir: pathlib.Path, out_dir: pathlib.Path) -> str:
            f"From `{results_dir}` by `python experiments/make_tables.py "
            f"--results_dir={results_dir}`. Mean ± sample std (seeds).", "",
            "## Overview (headline metric per task)", "",
-           overview_table(records)]
+           overview_table(records), "",
+           "## The papers' claims",
+           "",
+           "Shortfall: how far the method's mean falls below the baseline's "
+           "(above it, for perplexity), relative or in points as the claim "
+           "states; negative is better than the baseline. Welch t of the "
+           "method against the baseline (positive: better), from the seeds.",
+           "", claims_table(records)]
   for task in sorted(records):
     parts += ["", f"## {task}", "", provenance(task, records[task]), "",
               task_table(task, records[task]), ""]

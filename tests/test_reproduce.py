@@ -158,3 +158,26 @@ def test_every_method_preset_trains_and_evaluates(tmp_path):
     assert "error" not in rec, rec["error"][-2000:]
     assert rec["task_metrics"]["n"] == 4
     assert rec["summary"]["steps"] == (0 if method == "zeroshot" else 1)
+
+
+def test_claims_table_computes_shortfalls_and_verdicts():
+  rec = lambda task, key, v: {"task_metrics": {key: v}}
+  records = {
+      "sst2": {"full_adamw": [rec("sst2", "accuracy", v) for v in (.88, .90)],
+               "qft": [rec("sst2", "accuracy", v) for v in (.87, .89)],
+               "modulora_gptq3": [rec("sst2", "accuracy", .80)],
+               "qlora4": [rec("sst2", "accuracy", .85)]},
+      "shakespeare": {"full_adamw": [rec("shakespeare", "ppl", 20.0)],
+                      "qft": [rec("shakespeare", "ppl", 21.0)]},
+  }
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
+          for line in make_tables.claims_table(records).splitlines()[2:]}
+  # 88 vs 89: 1.12 % short of full FT, within 2 %; t = -1 / sqrt(2) ...
+  sst2 = rows[("QFT within 2 % of full FT", "sst2 acc %")]
+  assert "| 1.12 % | -0.7 | yes |" in sst2
+  # perplexity: higher is worse, 21 vs 20 is 5 % short.
+  ppl = rows[("QFT within 2 % of full FT", "shakespeare ppl")]
+  assert "| 5.00 % | — | **no** |" in ppl
+  modu = rows[("ModuLoRA 3-bit within 1 point of QLoRA 4-bit", "sst2 acc %")]
+  assert "| 5.00 | — | **no** |" in modu
+  assert not any("PEQA" in k[0] for k in rows)  # no cells, no row
