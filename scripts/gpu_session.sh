@@ -55,7 +55,9 @@ case $mode in
   stage-part) ls -la $STAGE ;;
   run) "$@" ;;
   reproduce)
-    mkdir -p /root/res && cp -r --update=none experiments/results/reproduce/. /root/res/
+    mkdir -p /root/res  # seed with the finished cells, keep what is there
+    cp -r --update=none experiments/results/reproduce/. /root/res/ 2>/dev/null \
+      || cp -rn experiments/results/reproduce/. /root/res/
     marker=$(mktemp)
     timeout "${REPRO_TIMEOUT:-540}" python3 experiments/reproduce.py "$@" \
       --config.results_dir=/root/res --config.base.model="$SMOLLM2_GGUF" \
