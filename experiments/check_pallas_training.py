@@ -6,20 +6,26 @@ r"""QLoRA 4-bit training through the Pallas kernels against the XLA path.
 Builds one model of the LLaMA-7B shape (random weights; `--layers` decoder
 layers; NF4 group-64 base with double-quantized scales and LoRA r16 on all
 seven projections, as bench_models.py's "qlora" row) and trains its LoRA
-factors twice from the same start on the same batches of TinyShakespeare
-bytes (token id = byte): once with every quantized matmul, forward and
-input gradient, through XLA's dequantize-then-matmul
-(`matmul_implementation="xla"`), once through the Pallas kernels ("pallas",
-which raises if any layer's kernel refuses; `--tiny` runs them in the Pallas
-interpreter on any backend). Writes `pallas_training_<gpu>_<date>.json`:
-both loss curves, the per-step relative difference
-`|loss_pallas - loss_xla| / loss_xla`, the median step times, and
-`match` = every relative difference <= `--tol`.
+factors three times from the same start on the same batches of
+TinyShakespeare bytes (token id = byte): with every quantized matmul,
+forward and input gradient, through XLA's dequantize-then-matmul
+(`matmul_implementation="xla"`); through the Pallas kernels ("pallas", which
+raises if any layer's kernel refuses; `--tiny` runs them in the Pallas
+interpreter on any backend); and through XLA again from a start whose LoRA
+factors are each moved by one ulp (the noise floor: how far one rounding
+decision alone carries the curve). Writes
+`pallas_training_<gpu>_<date>.json`: the three loss curves, the per-step
+relative differences `|loss - loss_xla| / loss_xla`, the relative error of
+the first batch's gradient (Pallas vs XLA), the median step times, and
+`match`: finite, gradient error <= `--grad_tol`, and every step's loss
+within `max(--tol, 2 x the noise run's largest difference)` of XLA's.
 
-Every step of both runs sees the same batch, so the curves differ only by
-the kernels' rounding (the Pallas path applies group scales in float32 and
-rounds once; XLA rounds the dequantized bf16 weight first), which the
-optimizer then carries forward.
+Every step of the runs sees the same batch, so the curves differ only by
+rounding (the Pallas path accumulates in another order and applies some
+group scales in float32), which the optimizer then carries forward: Adam's
+first steps move every coordinate by about the learning rate whatever the
+gradient's size, so rounding-level gradient differences grow into visible
+loss differences. The noise run measures that growth instead of guessing it.
 """
 
 from __future__ import annotations
@@ -45,8 +51,13 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Training steps per run.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers (7B shape).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
-_LR = flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
-_TOL = flags.DEFINE_float("tol", 1e-2, "Largest relative loss difference.")
+_LR = flags.DEFINE_float("learning_rate", 2e-4,
+                          "AdamW learning rate (the LoRA presets' 2e-4).")
+_TOL = flags.DEFINE_float(
+    "tol", 1e-2, "Relative loss difference always accepted (the bound is "
+    "the larger of this and twice the noise run's).")
+_GRAD_TOL = flags.DEFINE_float(
+    "grad_tol", 1e-2, "Largest relative error of the first gradient.")
 _TINY = flags.DEFINE_bool(
     "tiny", False, "Tiny shapes and the Pallas interpreter (CPU check).")
 
@@ -56,7 +67,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   record = pallas_vs_xla.run(_TINY.value, _STEPS.value, _LAYERS.value,
                              _BATCH.value, _SEQ.value, _LR.value, _TOL.value,
-                             _TEXT.value)
+                             _TEXT.value, _GRAD_TOL.value)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   gpu = record["gpu"].split()[1].lower() if " " in record["gpu"] else (
@@ -64,7 +75,8 @@ def main(argv):
   path = out / f"pallas_training_{gpu}_{record['date']}.json"
   path.write_text(json.dumps(record, indent=1) + "\n")
   print(json.dumps({k: record[k] for k in (
-      "max_rel_diff", "match", "step_s_xla", "step_s_pallas")}))
+      "max_rel_diff", "noise_max_rel_diff", "bound", "grad_rel_err",
+      "match", "step_s_xla", "step_s_pallas")}))
   print(f"wrote {path}")
   if not record["match"]:
     sys.exit(1)

@@ -30,16 +30,50 @@ def test_qlora_training_through_the_interpreted_kernels(monkeypatch):
   # 7 projections x (scanned layer body) traced for forward and backward.
   assert calls["fwd"] >= 7 and calls["dx"] >= 7, calls
   assert rec["match"] and rec["finite"], rec["rel_diff"]
+  assert 0 < rec["grad_rel_err"] < 1e-2
+  assert len(rec["loss_xla_noise"]) == 4 and rec["loss_xla_noise"] != rec[
+      "loss_xla"]  # the one-ulp start is a different run
   assert rec["pallas_implementation"] == "pallas_interpret"
   assert len(rec["loss_xla"]) == len(rec["loss_pallas"]) == 4
   assert rec["loss_xla"][-1] < rec["loss_xla"][0]  # it trains
   assert rec["loss_xla"] != rec["loss_pallas"]  # two different paths
 
 
-def test_mismatch_and_nan_are_reported():
-  assert check.compare([2.0, 1.0], [2.0, 1.05], 1e-2)["match"] is False
-  got = check.compare([2.0, float("nan")], [2.0, float("nan")], 1e-2)
-  assert got["match"] is False and got["finite"] is False
+def test_verdict_bound_and_refusals():
+  same = check.compare([2.0, 1.0], [2.0, 1.0])
+  off = check.compare([2.0, 1.0], [2.0, 1.05])  # 5 % at step 1
+  small_noise = check.compare([2.0, 1.0], [2.0, 1.001])
+  big_noise = check.compare([2.0, 1.0], [2.0, 1.04])
+  assert check.verdict(off, small_noise, 1e-3, 1e-2, 1e-2)["match"] is False
+  # Twice a 4 % noise floor covers a 5 % difference.
+  got = check.verdict(off, big_noise, 1e-3, 1e-2, 1e-2)
+  assert got["match"] is True and abs(got["bound"] - 0.08) < 1e-9
+  # A wrong first gradient fails whatever the curves do.
+  assert check.verdict(same, same, 0.5, 1e-2, 1e-2)["match"] is False
+  nan = check.compare([2.0, float("nan")], [2.0, float("nan")])
+  assert nan["finite"] is False
+  assert check.verdict(nan, same, 1e-3, 1e-2, 1e-2)["match"] is False
+
+
+def test_one_ulp_perturbation_moves_every_float_by_one_ulp():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  tree = {"a": jnp.linspace(-1, 1, 64, dtype=jnp.bfloat16),
+          "codes": jnp.arange(4, dtype=jnp.uint8)}
+  got = check.one_ulp_perturbation(tree, jax.random.PRNGKey(0), jnp.bfloat16)
+  assert (got["codes"] == tree["codes"]).all()
+  a = np.asarray(tree["a"].astype(jnp.float32))
+  b = np.asarray(got["a"].astype(jnp.float32))
+  up = np.asarray(jnp.nextafter(tree["a"], jnp.bfloat16(np.inf)), np.float32)
+  down = np.asarray(jnp.nextafter(tree["a"], jnp.bfloat16(-np.inf)),
+                    np.float32)
+  assert ((b == up) | (b == down)).all() and (b != a).all()
+  assert 0 < (b > a).mean() < 1  # both directions occur
+  # float32 leaves move by the compute dtype's ulp, not their own.
+  f32 = {"a": jnp.asarray(tree["a"], jnp.float32)}
+  moved = check.one_ulp_perturbation(f32, jax.random.PRNGKey(0), jnp.bfloat16)
+  assert (moved["a"].astype(jnp.bfloat16) != tree["a"]).all()
 
 
 def test_missing_text_is_named(tmp_path):
