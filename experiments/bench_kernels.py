@@ -368,8 +368,9 @@ def sweep_candidates():
   """Decode variants around the table's choice.
 
   Run 1's geometry sweep (156 configs) chose the table; this one checks the
-  split factor and program width it did not cover at M = 16, and the vector
-  contraction (`contraction="fma"`, one row per program) at M = 1.
+  split factor and program width it did not cover at M = 16, the word tile
+  of 2/3-bit decode, and the vector contraction (`contraction="fma"`, one
+  row per program) at M = 1.
   """
   from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
   cands = []
@@ -383,17 +384,27 @@ def sweep_candidates():
       cands.append(("fwd", 16, n, k, 4, TuningConfig(
           block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
           scale_mode="activations", split_k=split)))
-    for bn in (32, 64, 128):
-      for warps in (2, 4):
-        for split in (2, 4, 8):
+    for bn in (16, 32, 64):
+      for warps in (1, 2, 4):
+        for split in (4, 8, 16):
           cands.append(("fwd", 1, n, k, 4, TuningConfig(
               block_m=1, block_n=bn, block_k=128, num_warps=warps,
-              num_stages=3, scale_mode="activations", split_k=split,
+              num_stages=3, scale_mode="weights", split_k=split,
               contraction="fma")))
+    # 2/3-bit hold a word tile of 4 / 8 planes live through the step: does
+    # a narrower word tile (fewer registers) cut their per-plane cost?
     for bits in (2, 3):
-      cands.append(("fwd", 1, n, k, bits, TuningConfig(
-          block_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3,
-          scale_mode="activations", split_k=4, contraction="fma")))
+      for m in (1, 16):
+        for bk in (32, 64, 128):
+          cands.append(("fwd", m, n, k, bits, TuningConfig(
+              block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3,
+              scale_mode="activations", split_k=4)))
+    for bits in (2, 3, 8):
+      for bn, warps in ((32, 2), (64, 4)):
+        cands.append(("fwd", 1, n, k, bits, TuningConfig(
+            block_m=1, block_n=bn, block_k=128, num_warps=warps,
+            num_stages=3, scale_mode="weights", split_k=8,
+            contraction="fma")))
   return cands
 
 
@@ -438,8 +449,10 @@ def run_probe(timer, deadline, workers):
   poisoned-output error check. A one-minute look before a full sweep."""
   from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
   fma = [TuningConfig(block_m=1, block_n=bn, block_k=128, num_warps=w,
-                      num_stages=3, split_k=sp, contraction="fma")
-         for bn, w, sp in ((32, 2, 4), (64, 4, 4), (128, 4, 2), (64, 4, 8))]
+                      num_stages=3, scale_mode="weights", split_k=sp,
+                      contraction="fma")
+         for bn, w, sp in ((16, 1, 8), (32, 2, 4), (32, 2, 8), (32, 4, 16),
+                           (64, 4, 4), (64, 4, 8))]
   shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
   jobs = []
   for n, k in shapes:

@@ -59,9 +59,11 @@ class TuningConfig:
         float32 accumulation); the dequantized tile must be converted to the
         operand layout, and M is padded to the 16-row minimum.
       "fma": one activation row per program (`block_m = 1`), the product
-        `sum_k deq(W)[n, k] * x[k]` in float32 on the vector units: no operand
-        layout, no padded rows; each row re-reads the weight (L2), so it is a
-        candidate for M = 1 decode only.
+        `sum_k deq(W)[n, k] * x[k]` in float32 on the vector units, with a
+        `(block_n, block_k)` accumulator reduced once at the end (needs
+        `scale_mode="weights"`): no operand layout, no padded rows; each row
+        re-reads the weight (L2), so it is a candidate for M = 1 decode
+        only.
   """
   block_m: int = 16
   block_n: int = 32
@@ -80,6 +82,10 @@ class TuningConfig:
     if self.contraction == "fma" and self.block_m != 1:
       raise ValueError(f"contraction='fma' takes one row per program "
                        f"(block_m=1), got block_m={self.block_m}")
+    if self.contraction == "fma" and self.scale_mode != "weights":
+      raise ValueError("contraction='fma' scales each weight tile before "
+                       "its multiply-adds: it needs scale_mode='weights', "
+                       f"got {self.scale_mode!r}")
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
       if name == "block_m" and self.contraction == "fma":

@@ -139,18 +139,19 @@ class _KernelCases:
     assert _rel(outs[0][1], outs[1][1]) < TOL
     assert _rel(outs[1][0], kq.reference(x, w)) < TOL
 
-  @pytest.mark.parametrize("case,mode,split", [
-      ((4, 32, False, None, 3, 40, 256), "activations", 3),
-      ((3, 32, False, None, 2, 24, 256), "weights", 1),
-      ((2, 64, True, None, 1, 40, 256), "activations", 1),
-      ((8, -1, False, None, 1, 33, 96), "weights", 3),
-      ((4, 64, True, "nf4", 3, 40, 128), "activations", 2),
+  @pytest.mark.parametrize("case,split,block_k", [
+      ((4, 32, False, None, 3, 40, 256), 3, 16),
+      ((3, 32, False, None, 2, 24, 256), 1, 32),
+      ((2, 64, True, None, 1, 40, 256), 1, 64),
+      ((8, -1, False, None, 1, 33, 96), 3, 16),
+      ((4, 64, True, "nf4", 3, 40, 128), 2, 16),
   ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else str(v))
-  def test_vector_contraction_matches_reference(self, case, mode, split):
-    """`contraction="fma"`: one row per program, float32 multiply-adds."""
+  def test_vector_contraction_matches_reference(self, case, split, block_k):
+    """`contraction="fma"`: one row per program, a (block_n, block_k)
+    float32 accumulator reduced once after the loop."""
     w, x, _ = _inputs(case, seed=np.random.randint(1 << 30))
-    cfg = tuning.TuningConfig(block_m=1, block_n=16, block_k=16,
-                              contraction="fma", scale_mode=mode,
+    cfg = tuning.TuningConfig(block_m=1, block_n=16, block_k=block_k,
+                              contraction="fma", scale_mode="weights",
                               split_k=split)
     y = kq.fwd(x, w, interpret=self.INTERPRET, tuning=cfg,
                out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan, x.dtype))
@@ -160,12 +161,16 @@ class _KernelCases:
 
 def test_vector_contraction_config_is_checked():
   with pytest.raises(ValueError, match="block_m=1"):
-    tuning.TuningConfig(block_m=16, contraction="fma")
+    tuning.TuningConfig(block_m=16, contraction="fma", scale_mode="weights")
+  with pytest.raises(ValueError, match="scale_mode='weights'"):
+    tuning.TuningConfig(block_m=1, contraction="fma",
+                        scale_mode="activations")
   with pytest.raises(ValueError, match="contraction must be"):
     tuning.TuningConfig(contraction="simd")
   with pytest.raises(ValueError, match="only the 'mma'"):
     kq.dx(jnp.ones((1, 24), jnp.bfloat16), _q(), interpret=True,
-          tuning=tuning.TuningConfig(block_m=1, contraction="fma"))
+          tuning=tuning.TuningConfig(block_m=1, contraction="fma",
+                                     scale_mode="weights"))
 
 
 @pytest.mark.gpu
@@ -258,7 +263,7 @@ def test_gpu_lowering_never_holds_a_float_weight():
   n, k = 256, 512
   w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=4, group_size=64))
   fma = tuning.TuningConfig(block_m=1, block_n=64, contraction="fma",
-                            split_k=2)
+                            scale_mode="weights", split_k=2)
   for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k))]:
     lowered = jax.jit(fn).trace(jax.ShapeDtypeStruct(a, jnp.bfloat16),

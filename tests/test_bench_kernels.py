@@ -1,0 +1,45 @@
+"""experiments/bench_kernels.py on the CPU (`--dry_run`: tiny shapes, the
+Pallas interpreter), so a broken benchmark is caught before it costs device
+time."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / (
+    "bench_kernels.py")
+
+
+def _run(tmp_path, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--dry_run", "--out",
+                         str(tmp_path), *flags], env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (path,) = tmp_path.glob("kernels_*.json")
+  return json.loads(path.read_text())
+
+
+def test_probe_times_every_config_and_checks_it(tmp_path):
+  got = _run(tmp_path, "--probe")
+  rows = got["probe"]
+  impls = [r["impl"] for r in rows]
+  assert impls.count("bf16") == 1 and impls.count("table") == 1
+  assert impls.count("fma") >= 4
+  for r in rows:
+    assert r["error"] is None, r
+    assert r["us"] > 0
+    if r["impl"] != "bf16":
+      assert r["rel_err"] < 1e-2, r
+  assert all(r["config"]["scale_mode"] == "weights"
+             for r in rows if r["impl"] == "fma")
+
+
+def test_sweep_and_table_rows(tmp_path):
+  got = _run(tmp_path, "--sweep", "--no_peer")
+  assert got["sweep"] and all(r["error"] is None for r in got["sweep"])
+  assert got["rows"]
+  for r in got["rows"]:
+    assert r["rel_err"] is None or r["rel_err"] < 1e-2, r
