@@ -15,7 +15,8 @@ cell's JSON carries "error" and is retried by the next invocation.
 `--workers=N` runs N such subprocesses at once on the same accelerator (a
 135M model leaves most of an H100 idle; each gets 1/N of its memory) and
 records `concurrent_cells` = N in their JSON, since their tokens/s then
-share the device. `--in_process` runs the cells in this process instead
+share the device; a cell that runs out of memory beside the others is
+retried once, alone, at the end. `--in_process` runs the cells in this process instead
 (tests, notebooks). "zeroshot" is deterministic and runs at the first seed
 only.
 """
@@ -242,6 +243,18 @@ def is_done(path: pathlib.Path) -> bool:
     return False
 
 
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory")
+
+
+def ran_out_of_memory(path: pathlib.Path) -> bool:
+  """Whether the cell's JSON records an accelerator out-of-memory error."""
+  try:
+    error = json.loads(path.read_text()).get("error", "")
+  except (OSError, json.JSONDecodeError):
+    return False
+  return any(m in error for m in OOM_MARKERS)
+
+
 def _cell_env(workers: int) -> dict:
   """A subprocess's environment: 1/`workers` of the accelerator's memory."""
   env = dict(os.environ)
@@ -256,16 +269,30 @@ def run_grid(c, *, in_process: bool, force: bool = False,
              log=print) -> dict:
   """Runs every pending cell, up to `workers` subprocesses at a time.
 
+  A cell that runs out of accelerator memory while sharing it (workers > 1,
+  each with 1/workers of the memory) is retried once, alone, with the
+  default memory share, after the other cells; its id is then also listed
+  under "retried_alone".
+
   Returns:
-    `{"done", "skipped", "failed", "pending"}` lists of `task/method/seed`
-    ids; "pending" cells were not started because `time_budget_s` ran out.
+    `{"done", "skipped", "failed", "pending", "retried_alone"}` lists of
+    `task/method/seed` ids; "pending" cells were not started because
+    `time_budget_s` ran out.
   """
   if workers < 1 or (in_process and workers > 1):
     raise ValueError(f"workers={workers}: need >= 1, and 1 with in_process")
-  report = {"done": [], "skipped": [], "failed": [], "pending": []}
+  report = {"done": [], "skipped": [], "failed": [], "pending": [],
+            "retried_alone": []}
   todo = cells(c)
   start = time.time()
   running = []  # (cell_id, json path, Popen)
+  alone = []  # (cell_id, json path): out of memory beside other cells
+
+  def launch(cell_id: str, path: pathlib.Path, share: int) -> None:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
+           *sys.argv[1:], f"--cell={cell_id}"]
+    running.append((cell_id, path, subprocess.Popen(cmd,
+                                                    env=_cell_env(share))))
 
   def reap() -> None:
     """Records the finished subprocesses; sleeps a second if none has."""
@@ -274,9 +301,16 @@ def run_grid(c, *, in_process: bool, force: bool = False,
       running.remove(item)
       cell_id, path, proc = item
       ok = proc.returncode == 0 and is_done(path)
+      if (not ok and workers > 1 and cell_id not in report["retried_alone"]
+          and ran_out_of_memory(path)):
+        alone.append((cell_id, path))
+        continue
       report["done" if ok else "failed"].append(cell_id)
     if not finished:
       time.sleep(1.0)
+
+  def out_of_time() -> bool:
+    return bool(time_budget_s) and time.time() - start > time_budget_s
 
   try:
     for i, (task, method, seed) in enumerate(todo):
@@ -285,7 +319,7 @@ def run_grid(c, *, in_process: bool, force: bool = False,
       if not force and is_done(path):
         report["skipped"].append(cell_id)
         continue
-      if time_budget_s and time.time() - start > time_budget_s:
+      if out_of_time():
         report["pending"].append(cell_id)
         continue
       log(f"[{i + 1}/{len(todo)}] {cell_id}")
@@ -293,14 +327,20 @@ def run_grid(c, *, in_process: bool, force: bool = False,
         ok = "error" not in run_cell(c, task, method, seed, log=log)
         report["done" if ok else "failed"].append(cell_id)
         continue
-      cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
-             *sys.argv[1:], f"--cell={cell_id}"]
-      running.append((cell_id, path,
-                      subprocess.Popen(cmd, env=_cell_env(workers))))
+      launch(cell_id, path, workers)
       while len(running) >= workers:
         reap()
-    while running:
-      reap()
+    while running or alone:
+      if running:
+        reap()
+        continue
+      cell_id, path = alone.pop(0)
+      if out_of_time():
+        report["pending"].append(cell_id)
+        continue
+      log(f"{cell_id} ran out of memory beside other cells; again, alone")
+      report["retried_alone"].append(cell_id)
+      launch(cell_id, path, 1)
   finally:  # interrupted (SIGTERM, Ctrl-C): stop the cells still running
     for _, _, proc in running:
       proc.terminate()

@@ -62,7 +62,8 @@ def test_grid_runs_resumes_and_tabulates(tmp_path):
   report = reproduce.run_grid(c, in_process=True, log=logs.append)
   assert report == {"done": ["sst2/zeroshot/0", "sst2/lora/0",
                              "sst2/lora/1"],
-                    "skipped": [], "failed": [], "pending": []}
+                    "skipped": [], "failed": [], "pending": [],
+                    "retried_alone": []}
   rec = json.loads((tmp_path / "res" / "sst2" / "lora_s1.json").read_text())
   assert rec["task_metrics"]["n"] == 8 and rec["summary"]["steps"] == 2
   assert rec["curve"]["train"]["step"] == [1, 2] and rec["seed"] == 1
@@ -97,13 +98,66 @@ def test_workers_run_cells_side_by_side_in_subprocesses(tmp_path):
                        env=dict(os.environ, COMMIT="abc123"), timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1]) == {
-      "done": 3, "skipped": 0, "failed": 0, "pending": 0}
+      "done": 3, "skipped": 0, "failed": 0, "pending": 0, "retried_alone": 0}
   made = sorted(p.name for p in (tmp_path / "res" / "sst2").iterdir())
   assert made == ["lora_s0.json", "lora_s1.json", "zeroshot_s0.json"]
   for name in made:
     rec = json.loads((tmp_path / "res" / "sst2" / name).read_text())
     assert rec["concurrent_cells"] == 2 and rec["commit"] == "abc123"
     assert "error" not in rec
+
+
+class _FakeCell:
+  """Stands in for a cell subprocess: writes the cell's JSON at once.
+
+  `sst2/lora/1` runs out of memory whenever it shares the accelerator;
+  `sst2/lora/0` runs out of memory always.
+  """
+  started = []
+
+  def __init__(self, cmd, env):
+    cell_id = cmd[-1].removeprefix("--cell=")
+    task, method, seed = cell_id.split("/")
+    share = int(env[reproduce.CONCURRENT_ENV])
+    _FakeCell.started.append((cell_id, share,
+                              env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")))
+    oom = cell_id == "sst2/lora/0" or (cell_id == "sst2/lora/1" and share > 1)
+    record = {"error": "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out "
+                       "of memory while trying to allocate 9.70GiB"} if oom else {}
+    path = pathlib.Path(self.results) / task / f"{method}_s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    self.returncode = 1 if oom else 0
+
+  def poll(self):
+    return self.returncode
+
+
+def test_cells_out_of_memory_beside_others_are_retried_alone(tmp_path,
+                                                             monkeypatch):
+  c = configs.get_config("cpu")
+  c.methods, c.tasks, c.seeds = "zeroshot,lora", "sst2", "0,1,2"
+  c.results_dir = str(tmp_path / "res")
+  monkeypatch.setattr(_FakeCell, "results", c.results_dir, raising=False)
+  monkeypatch.setattr(_FakeCell, "started", [])
+  monkeypatch.setattr(reproduce.subprocess, "Popen", _FakeCell)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  report = reproduce.run_grid(c, in_process=False, workers=3,
+                              log=lambda *_: None)
+  assert sorted(report["done"]) == ["sst2/lora/1", "sst2/lora/2",
+                                    "sst2/zeroshot/0"]
+  assert report["failed"] == ["sst2/lora/0"]  # once alone, then it counts
+  assert sorted(report["retried_alone"]) == ["sst2/lora/0", "sst2/lora/1"]
+  alone = [(cell, frac) for cell, share, frac in _FakeCell.started
+           if share == 1]
+  assert sorted(alone) == [("sst2/lora/0", None), ("sst2/lora/1", None)]
+  assert len(_FakeCell.started) == 6  # 4 cells, two of them twice
+  # One worker: nothing shares the accelerator, so nothing is retried.
+  monkeypatch.setattr(_FakeCell, "started", [])
+  again = reproduce.run_grid(c, in_process=False, workers=1, force=True,
+                             log=lambda *_: None)
+  assert again["failed"] == ["sst2/lora/0"] and not again["retried_alone"]
+  assert len(_FakeCell.started) == 4
 
 
 def _cell_processes(marker: str) -> list[int]:
