@@ -65,11 +65,18 @@ _TINY = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  record = pallas_vs_xla.run(_TINY.value, _STEPS.value, _LAYERS.value,
-                             _BATCH.value, _SEQ.value, _LR.value, _TOL.value,
-                             _TEXT.value, _GRAD_TOL.value)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
+  partial = out / "pallas_training_partial.json"
+
+  def save_partial(curves):  # kept if a time limit cuts the later runs
+    partial.write_text(json.dumps({"loss": curves}) + "\n")
+
+  record = pallas_vs_xla.run(_TINY.value, _STEPS.value, _LAYERS.value,
+                             _BATCH.value, _SEQ.value, _LR.value, _TOL.value,
+                             _TEXT.value, _GRAD_TOL.value,
+                             on_run=save_partial)
+  partial.unlink(missing_ok=True)
   gpu = record["gpu"].split()[1].lower() if " " in record["gpu"] else (
       record["gpu"].lower())
   path = out / f"pallas_training_{gpu}_{record['date']}.json"

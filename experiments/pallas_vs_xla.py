@@ -13,6 +13,7 @@ import os
 import pathlib
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +149,12 @@ def verdict(pallas: dict, noise: dict, grad_rel_err: float, tol: float,
 
 
 def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
-        lr: float, tol: float, text: str, grad_tol: float = 1e-2) -> dict:
+        lr: float, tol: float, text: str, grad_tol: float = 1e-2,
+        on_run: Callable[[dict], None] | None = None) -> dict:
   """The three runs and their comparison, as the launcher's JSON record.
+
+  `on_run`, if given, receives the loss curves finished so far after each
+  run (`{name: losses}`), so a caller can save them before a time limit.
 
   Runs: "xla", the Pallas path, and "xla_noise" (XLA from the one-ulp
   perturbed start, the noise floor). `tiny`: bench_models' tiny shape in
@@ -174,6 +179,8 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
     print(f"{name}: {steps} steps in {time.time() - t0:.1f} s (with "
           f"compilation), loss {curves[name][0]:.4f} -> "
           f"{curves[name][-1]:.4f}", flush=True)
+    if on_run is not None:
+      on_run(dict(curves))
   result = compare(curves["xla"], curves[pallas])
   noise = compare(curves["xla"], curves["xla_noise"])
   grad_rel_err = global_rel_err(grads[pallas], grads["xla"])

@@ -25,8 +25,12 @@ def test_qlora_training_through_the_interpreted_kernels(monkeypatch):
       return _real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, name, counted)
+  finished = []
   rec = check.run(tiny=True, steps=4, layers=2, batch=2, seq_len=32,
-                  lr=1e-3, tol=1e-2, text=text)
+                  lr=1e-3, tol=1e-2, text=text,
+                  on_run=lambda curves: finished.append(sorted(curves)))
+  assert finished == [["xla"], ["pallas_interpret", "xla"],
+                      ["pallas_interpret", "xla", "xla_noise"]]
   # 7 projections x (scanned layer body) traced for forward and backward.
   assert calls["fwd"] >= 7 and calls["dx"] >= 7, calls
   assert rec["match"] and rec["finite"], rec["rel_diff"]
