@@ -369,9 +369,10 @@ def sweep_candidates():
 
   Run 1's geometry sweep (156 configs) chose the table; this one checks the
   split factor and program width it did not cover at M = 16, the word tile
-  of 2/3-bit decode, and the vector contraction (`contraction="fma"`, one
-  row per program) at M = 1.
+  of 2/3-bit decode, the vector contraction (`contraction="fma"`, one row
+  per program) at M = 1, and `prefetch` at the table's geometries.
   """
+  from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
   cands = []
   for n, k in ((4096, 4096), (11008, 4096)):
@@ -391,6 +392,17 @@ def sweep_candidates():
               block_m=1, block_n=bn, block_k=128, num_warps=warps,
               num_stages=3, scale_mode="weights", split_k=split,
               contraction="fma")))
+    # Prefetch (the next step's loads in flight during this step's
+    # arithmetic) at the table's decode and training geometries.
+    for op in ("fwd", "dx"):
+      for m in (1, 16, 4096):
+        for bits in ((2, 3, 4) if m == 1 else (4,)):
+          base = tuning.choose(op, m, n, k, bits)
+          cands.append((op, m, n, k, bits,
+                        dataclasses.replace(base, prefetch=True)))
+          if m <= 16 and op == "fwd":
+            cands.append((op, m, n, k, bits, dataclasses.replace(
+                base, prefetch=True, split_k=8)))
     # 2/3-bit hold a word tile of 4 / 8 planes live through the step: does
     # a narrower word tile (fewer registers) cut their per-plane cost?
     for bits in (2, 3):
@@ -405,15 +417,17 @@ def sweep_candidates():
             block_m=1, block_n=bn, block_k=128, num_warps=warps,
             num_stages=3, scale_mode="weights", split_k=8,
             contraction="fma")))
-  return cands
+  # Prefetch first: the sweep times in order until its deadline.
+  return sorted(cands, key=lambda c: not c[5].prefetch)
 
 
 def run_sweep(timer, deadline, workers):
   cands = sweep_candidates()
   if INTERPRET:
     fma = [c for c in cands if c[5].contraction == "fma"]
+    ahead = [c for c in cands if c[5].prefetch]
     cands = [(op, min(m, 17), 48, 256, bits, cfg)
-             for op, m, n, k, bits, cfg in cands[::40] + fma[:1]]
+             for op, m, n, k, bits, cfg in cands[::40] + fma[:1] + ahead[:2]]
   jobs = []
   for op, m, n, k, bits, cfg in cands:
     for job in make_jobs(m, n, k, bits, tuning=cfg, which=("ours",)):
@@ -443,35 +457,50 @@ def run_sweep(timer, deadline, workers):
   return out
 
 
+def _probe_label(kind: str, cfg) -> str:
+  if kind == "bf16":
+    return "bf16"
+  if cfg is None:
+    return "table"
+  return cfg.contraction + ("+prefetch" if cfg.prefetch else "")
+
+
 def run_probe(timer, deadline, workers):
-  """M = 1 fwd, 4-bit, at the two decode acceptance shapes: XLA bf16, the
-  table's kernel and a few vector-contraction ("fma") configs, each with its
-  poisoned-output error check. A one-minute look before a full sweep."""
-  from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
-  fma = [TuningConfig(block_m=1, block_n=bn, block_k=128, num_warps=w,
-                      num_stages=3, scale_mode="weights", split_k=sp,
-                      contraction="fma")
+  """M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
+  table's kernel, the table's kernel with `prefetch`, and vector-contraction
+  ("fma") configs with and without it (fwd; the table's two also dx), each
+  with its poisoned-output error check. A minute or two before a sweep."""
+  from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
+  fma = [tuning.TuningConfig(block_m=1, block_n=bn, block_k=128,
+                             num_warps=w, num_stages=3, scale_mode="weights",
+                             split_k=sp, contraction="fma")
          for bn, w, sp in ((16, 1, 8), (32, 2, 4), (32, 2, 8), (32, 4, 16),
                            (64, 4, 4), (64, 4, 8))]
+  fma += [dataclasses.replace(c, prefetch=True) for c in fma[1:5:2]]
   shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
   jobs = []
   for n, k in shapes:
-    jobs += [j for j in make_bf16_jobs(1, n, k) if j.key[1] == "fwd"]
-    for cfg in [None] + fma:
+    jobs += make_bf16_jobs(1, n, k)
+    table_ahead = {op: dataclasses.replace(tuning.choose(op, 1, n, k, 4),
+                                           prefetch=True)
+                   for op in ("fwd", "dx")}
+    for cfg, ops in ([(None, ("fwd", "dx"))]
+                     + [(table_ahead[op], (op,)) for op in ("fwd", "dx")]
+                     + [(c, ("fwd",)) for c in fma]):
       jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,
                                     which=("ours", "check"))
-               if j.key[1] == "fwd"]
+               if j.key[1] in ops]
   _compile_all(jobs, workers, deadline)
   res = time_jobs(jobs, timer, deadline)
   rows = []
   for job in jobs:
-    kind, _, _, n, k, _, cfg = job.key
+    kind, op, _, n, k, _, cfg = job.key
     if kind == "check":
       continue
     check = res.get(("check",) + job.key[1:])
     v = res[job.key]
     rows.append(dict(
-        impl=kind if kind == "bf16" else (cfg.contraction if cfg else "table"),
+        impl=_probe_label(kind, cfg), op=op,
         N=n, K=k, config=dataclasses.asdict(cfg) if cfg else None,
         us=v * 1e3 if isinstance(v, float) else None,
         rel_err=check if isinstance(check, float) else None,

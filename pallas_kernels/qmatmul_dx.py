@@ -11,7 +11,8 @@ the group scale multiplies the `(bm, bn)` dy tile instead of the `(bn, bc)`
 weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
 Rows of dy past M and weight rows past N are masked (read as 0). With
 `split_k = S > 1` (decode), S programs share each output tile, each walking
-one slice of N, and XLA sums their float32 partials `(S, M, K)`.
+one slice of N, and XLA sums their float32 partials `(S, M, K)`. With
+`prefetch` the loop carries the next step's loads (see qmatmul_fwd).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qft_jax._src import qarray as qa
 
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
-               bc: int, scale_mode: str, split: int):
+               bc: int, scale_mode: str, split: int, prefetch: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_k = layout.kw // bc
@@ -43,16 +44,27 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   dtype = dy_ref.dtype
   groups = [tiles.group_index(i, j0, layout) for i in range(layout.planes)]
 
-  def body(t, accs):
+  def rows_of(t):
     n0 = pl.multiple_of(t * bn, bn)
-    n_slice = pl.ds(n0, bn)
-    n_mask = tiles.row_ids(n0, bn) < layout.n
-    words = tiles.load_words(q_ref, n_slice, n_mask, j0, bc, layout)
+    return pl.ds(n0, bn), tiles.row_ids(n0, bn) < layout.n
+
+  def step_tiles(t):
+    """Packed bytes `(bn, bc)` and dy tile `(bm, bn)` of step t."""
+    n_slice, n_mask = rows_of(t)
+    byte_tiles = tiles.load_bytes(q_ref, n_slice, n_mask, j0, bc, layout)
     dy = plt.load(dy_ref.at[m_slice, n_slice],
                   mask=m_mask[:, None] & n_mask[None, :], other=0)
+    return byte_tiles, dy
+
+  def plane_params(t, i):
+    n_slice, n_mask = rows_of(t)
+    return tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask, groups[i])
+
+  def compute_step(byte_tiles, dy, params_of_plane, accs):
+    words = tiles.assemble_words(byte_tiles)
     new = []
     for i, acc in enumerate(accs):
-      s, z = tiles.load_group_params(s_ref, z_ref, n_slice, n_mask, groups[i])
+      s, z = tiles.group_params(*params_of_plane(i))
       c = tiles.plane_codes(words, i, layout.bits)
       if scale_mode == "weights":
         w = (tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
@@ -64,11 +76,25 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
       new.append(acc + jnp.dot(lhs, w, preferred_element_type=jnp.float32))
     return tuple(new)
 
+  def load_step(t):
+    """Every load of step t, issued before any of them is used."""
+    return (*step_tiles(t),
+            tuple(plane_params(t, i) for i in range(layout.planes)))
+
   zeros = tuple(jnp.zeros((bm, bc), jnp.float32)
                 for _ in range(layout.planes))
   part = pl.program_id(0) % split
   start, stop = tiles.split_range(part, split, pl.cdiv(layout.n, bn))
-  accs = lax.fori_loop(start, stop, body, zeros)
+  if prefetch:  # step t computes while step t + 1's loads are in flight
+    def body(t, carry):
+      accs, (byte_tiles, dy, params) = carry
+      ahead = load_step(jnp.minimum(t + 1, stop - 1))  # last: a re-read
+      return compute_step(byte_tiles, dy, params.__getitem__, accs), ahead
+    accs, _ = lax.fori_loop(start, stop, body, (zeros, load_step(start)))
+  else:  # each plane's scales just before its arithmetic
+    accs = lax.fori_loop(
+        start, stop, lambda t, accs: compute_step(
+            *step_tiles(t), lambda i: plane_params(t, i), accs), zeros)
   mask = jnp.broadcast_to(m_mask[:, None], (bm, bc))
   for i, acc in enumerate(accs):
     idx = (m_slice, tiles.static_index(i), pl.ds(j0, bc))
@@ -96,7 +122,8 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   bm, bn = cfg.block_m, cfg.block_n
   split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))
   kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
-                             bc=bc, scale_mode=cfg.scale_mode, split=split)
+                             bc=bc, scale_mode=cfg.scale_mode, split=split,
+                             prefetch=cfg.prefetch)
   grid = (pl.cdiv(m, bm) * (layout.kw // bc) * split,)
   # split > 1: float32 partial sums per slice of N, summed below.
   out_shape, out_dtype = (m, layout.planes, layout.kw), dy2d.dtype

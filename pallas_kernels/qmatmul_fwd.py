@@ -27,6 +27,14 @@ instead, as a first version did, costs a cross-lane reduction per plane and
 word tile: 20.5 us vs 11.0 for the matrix path at 4096^2 4-bit, M = 1, in
 kernels_probe_h100_2026-11-27.json.)
 
+Prefetch (`TuningConfig(prefetch=True)`). Each step first issues all its
+loads (the packed bytes, the x tile of every plane, every plane's scale and
+zero point), then computes; with prefetch the loop carries the next step's
+loads, issued before this step's compute, so their latency overlaps it.
+Triton's own pipelining (`num_stages`) covers loads that feed the matrix
+instruction directly, not these (bytes go through shifts and masks first,
+scales through the ALU): run 1 found `num_stages` 3 and 5 equally fast.
+
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
 plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
@@ -61,7 +69,7 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
-                fma: bool):
+                fma: bool, prefetch: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
@@ -76,14 +84,23 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   x_mask = jnp.broadcast_to(m_mask[:, None], (bm, bc))
   dtype = x_ref.dtype
 
-  def body(t, acc):
+  def plane_inputs(t, i):
+    """x tile `(bm, bc)` and stored scale / zero point of plane i, step t."""
     j0 = pl.multiple_of(t * bc, bc)
-    words = tiles.load_words(q_ref, n_slice, n_mask, j0, bc, layout)
+    x = plt.load(x_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
+                 mask=x_mask, other=0)
+    return x, tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask,
+                                   tiles.group_index(i, j0, layout))
+
+  def step_bytes(t):
+    j0 = pl.multiple_of(t * bc, bc)
+    return tiles.load_bytes(q_ref, n_slice, n_mask, j0, bc, layout)
+
+  def compute_step(byte_tiles, inputs_of_plane, acc):
+    words = tiles.assemble_words(byte_tiles)
     for i in range(layout.planes):
-      x = plt.load(x_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
-                   mask=x_mask, other=0)
-      s, z = tiles.load_group_params(s_ref, z_ref, n_slice, n_mask,
-                                     tiles.group_index(i, j0, layout))
+      x, raw = inputs_of_plane(i)
+      s, z = tiles.group_params(*raw)
       c = tiles.plane_codes(words, i, layout.bits)
       if fma:  # bm == 1: acc (bn, bc) += deq(W_tile) * x (1, bc)
         w = tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
@@ -100,9 +117,23 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
         acc += s[:, None] * part
     return acc
 
+  def load_step(t):
+    """Every load of step t, issued before any of them is used."""
+    return step_bytes(t), tuple(plane_inputs(t, i)
+                                for i in range(layout.planes))
+
   start, stop = tiles.split_range(pid % split, split, layout.kw // bc)
-  acc = lax.fori_loop(start, stop, body,
-                      jnp.zeros((bn, bc if fma else bm), jnp.float32))
+  acc = jnp.zeros((bn, bc if fma else bm), jnp.float32)
+  if prefetch:  # step t computes while step t + 1's loads are in flight
+    def body(t, carry):
+      acc, (byte_tiles, planes) = carry
+      ahead = load_step(jnp.minimum(t + 1, stop - 1))  # last: a re-read
+      return compute_step(byte_tiles, planes.__getitem__, acc), ahead
+    acc, _ = lax.fori_loop(start, stop, body, (acc, load_step(start)))
+  else:  # each plane's loads just before its arithmetic
+    acc = lax.fori_loop(
+        start, stop, lambda t, acc: compute_step(
+            step_bytes(t), lambda i: plane_inputs(t, i), acc), acc)
   if fma:  # the one cross-lane reduction, after the whole loop
     acc = jnp.sum(acc, axis=1, keepdims=True)
   mask = m_mask[:, None] & n_mask[None, :]
@@ -132,7 +163,7 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
-      fma=cfg.contraction == "fma")
+      fma=cfg.contraction == "fma", prefetch=cfg.prefetch)
   x3 = x2d.reshape(m, layout.planes, layout.kw)
   grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn) * split,)
   # split > 1: float32 partial sums per contraction slice, summed below.

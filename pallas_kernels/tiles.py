@@ -101,17 +101,23 @@ def split_weight_refs(refs, layout: Layout):
   return q_ref, s_ref, z_ref, cb_ref, rest
 
 
-def load_words(q_ref, rows: pl.Slice, row_mask: jax.Array, j0, bc: int,
-               layout: Layout) -> jax.Array:
-  """int32 `(bn, bc)` words `[j0, j0 + bc)` of the weight rows `rows`.
+def load_bytes(q_ref, rows: pl.Slice, row_mask: jax.Array, j0, bc: int,
+               layout: Layout) -> tuple[jax.Array, ...]:
+  """The B uint8 `(bn, bc)` byte tiles of words `[j0, j0 + bc)`, as loaded.
 
-  Rows outside the matrix read as 0.
+  Rows outside the matrix read as 0. Nothing uses the values yet, so the
+  loads stay in flight until `assemble_words` (see `TuningConfig.prefetch`).
   """
   mask = jnp.broadcast_to(row_mask[:, None], (rows.size, bc))
+  return tuple(plt.load(q_ref.at[rows, static_index(t), pl.ds(j0, bc)],
+                        mask=mask, other=0)
+               for t in range(layout.nbytes))
+
+
+def assemble_words(byte_tiles: tuple[jax.Array, ...]) -> jax.Array:
+  """int32 words from their byte tiles (byte t is bits `[8t, 8t + 8)`)."""
   words = None
-  for t in range(layout.nbytes):
-    b = plt.load(q_ref.at[rows, static_index(t), pl.ds(j0, bc)], mask=mask,
-                 other=0)
+  for t, b in enumerate(byte_tiles):
     b = b.astype(jnp.int32)
     words = b if t == 0 else words | (b << (8 * t))
   return words
@@ -128,9 +134,9 @@ def group_index(i: int, j0, layout: Layout):
   return (i * layout.kw + j0) // layout.group
 
 
-def load_group_params(s_ref, z_ref, rows: pl.Slice, row_mask: jax.Array, grp
-                      ) -> tuple[jax.Array, jax.Array | None]:
-  """float32 scale `(bn,)` and int32 zero point `(bn,)` (or None) of `grp`.
+def load_group_raw(s_ref, z_ref, rows: pl.Slice, row_mask: jax.Array, grp
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """Scale `(bn,)` and zero point `(bn,)` (or None) of `grp`, as stored.
 
   Rows outside the matrix read as scale 0, so their weights are exact zeros.
   """
@@ -138,8 +144,13 @@ def load_group_params(s_ref, z_ref, rows: pl.Slice, row_mask: jax.Array, grp
   z = None
   if z_ref is not None:
     z = plt.load(z_ref.at[rows, grp], mask=row_mask, other=0)
-    z = z.astype(jnp.int32)
-  return s.astype(jnp.float32), z
+  return s, z
+
+
+def group_params(s: jax.Array, z: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+  """Stored scale / zero point -> float32 scale, int32 zero point."""
+  return s.astype(jnp.float32), None if z is None else z.astype(jnp.int32)
 
 
 def _lookup(cb_ref, c: jax.Array) -> jax.Array:

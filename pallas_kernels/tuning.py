@@ -64,6 +64,10 @@ class TuningConfig:
         `scale_mode="weights"`): no operand layout, no padded rows; each row
         re-reads the weight (L2), so it is a candidate for M = 1 decode
         only.
+    prefetch: the contraction loop carries the next step's loads (packed
+      bytes, activation tiles, scales and zero points), issued before this
+      step's arithmetic, so their memory latency overlaps it instead of
+      stalling every step (registers for one more step's operands).
   """
   block_m: int = 16
   block_n: int = 32
@@ -74,6 +78,7 @@ class TuningConfig:
   group_m: int = 8
   split_k: int = 1
   contraction: str = "mma"
+  prefetch: bool = False
 
   def __post_init__(self):
     if self.contraction not in CONTRACTIONS:

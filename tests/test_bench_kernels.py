@@ -25,9 +25,12 @@ def _run(tmp_path, *flags):
 def test_probe_times_every_config_and_checks_it(tmp_path):
   got = _run(tmp_path, "--probe")
   rows = got["probe"]
-  impls = [r["impl"] for r in rows]
-  assert impls.count("bf16") == 1 and impls.count("table") == 1
-  assert impls.count("fma") >= 4
+  impls = [(r["impl"], r["op"]) for r in rows]
+  for op in ("fwd", "dx"):  # XLA bf16 and the table, with and without prefetch
+    for impl in ("bf16", "table", "mma+prefetch"):
+      assert impls.count((impl, op)) == 1, (impl, op, impls)
+  assert impls.count(("fma", "fwd")) >= 4
+  assert impls.count(("fma+prefetch", "fwd")) >= 1
   for r in rows:
     assert r["error"] is None, r
     assert r["us"] > 0

@@ -125,6 +125,37 @@ class _KernelCases:
     assert _rel(y, kq.reference(x, w)) < TOL
     assert _rel(dx, kq.reference_dx(dy, w)) < TOL
 
+  @pytest.mark.parametrize("case,split", [
+      ((3, 32, False, None, 17, 24, 256), 3),
+      ((4, 64, True, "nf4", 3, 40, 128), 2),
+      ((8, -1, False, None, 1, 33, 96), 1),
+      ((2, 64, True, None, 3, 40, 256), 3),
+  ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"split{v}")
+  def test_prefetch_changes_nothing_but_timing(self, case, split):
+    """`prefetch=True` carries the next step's loads; the arithmetic and
+    its order are unchanged, so the outputs are bitwise equal (fwd through
+    both contractions, and dx), including the last step's re-read."""
+    w, x, dy = _inputs(case, seed=np.random.randint(1 << 30))
+    base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
+                               scale_mode="activations", split_k=split)
+    fma = tuning.TuningConfig(block_m=1, block_n=16, block_k=16,
+                              scale_mode="weights", split_k=split,
+                              contraction="fma")
+    for cfg in (base, fma):
+      got = [kq.fwd(x, w, interpret=self.INTERPRET, tuning=c,
+                    out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan,
+                                      x.dtype))
+             for c in (cfg, dataclasses.replace(cfg, prefetch=True))]
+      np.testing.assert_array_equal(np.asarray(got[0], np.float32),
+                                    np.asarray(got[1], np.float32))
+      assert _rel(got[1], kq.reference(x, w)) < TOL
+    got = [kq.dx(dy, w, interpret=self.INTERPRET, tuning=c,
+                 out_init=jnp.full(x.shape, jnp.nan, x.dtype))
+           for c in (base, dataclasses.replace(base, prefetch=True))]
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32),
+                                  np.asarray(got[1], np.float32))
+    assert _rel(got[1], kq.reference_dx(dy, w)) < TOL
+
   def test_split_contraction_matches_unsplit(self):
     """Splitting K (fwd) / N (dx) over programs changes only the grid."""
     w, x, dy = _inputs((4, 32, False, None, 3, 48, 128),
@@ -264,8 +295,12 @@ def test_gpu_lowering_never_holds_a_float_weight():
   w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=4, group_size=64))
   fma = tuning.TuningConfig(block_m=1, block_n=64, contraction="fma",
                             scale_mode="weights", split_k=2)
+  ahead = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
+                              prefetch=True)
   for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n)),
-                (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k))]:
+                (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k)),
+                (functools.partial(kq.qmatmul_fwd.fwd, tuning=ahead), (16, k)),
+                (functools.partial(kq.qmatmul_dx.dx, tuning=ahead), (16, n))]:
     lowered = jax.jit(fn).trace(jax.ShapeDtypeStruct(a, jnp.bfloat16),
                                 w).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
