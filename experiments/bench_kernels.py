@@ -398,11 +398,12 @@ def sweep_candidates():
       for m in (1, 16, 4096):
         for bits in ((2, 3, 4) if m == 1 else (4,)):
           base = tuning.choose(op, m, n, k, bits)
-          cands.append((op, m, n, k, bits,
-                        dataclasses.replace(base, prefetch=True)))
+          for depth in (1, 2):
+            cands.append((op, m, n, k, bits,
+                          dataclasses.replace(base, prefetch=depth)))
           if m <= 16 and op == "fwd":
             cands.append((op, m, n, k, bits, dataclasses.replace(
-                base, prefetch=True, split_k=8)))
+                base, prefetch=1, split_k=8)))
     # 2/3-bit hold a word tile of 4 / 8 planes live through the step: does
     # a narrower word tile (fewer registers) cut their per-plane cost?
     for bits in (2, 3):
@@ -462,12 +463,13 @@ def _probe_label(kind: str, cfg) -> str:
     return "bf16"
   if cfg is None:
     return "table"
-  return cfg.contraction + ("+prefetch" if cfg.prefetch else "")
+  return cfg.contraction + (f"+prefetch{cfg.prefetch}" if cfg.prefetch
+                            else "")
 
 
 def run_probe(timer, deadline, workers):
   """M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
-  table's kernel, the table's kernel with `prefetch`, and vector-contraction
+  table's kernel, the table's kernel with `prefetch` 1 and 2, and vector-contraction
   ("fma") configs with and without it (fwd; the table's two also dx), each
   with its poisoned-output error check. A minute or two before a sweep."""
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
@@ -476,16 +478,15 @@ def run_probe(timer, deadline, workers):
                              split_k=sp, contraction="fma")
          for bn, w, sp in ((16, 1, 8), (32, 2, 4), (32, 2, 8), (32, 4, 16),
                            (64, 4, 4), (64, 4, 8))]
-  fma += [dataclasses.replace(c, prefetch=True) for c in fma[1:5:2]]
+  fma += [dataclasses.replace(c, prefetch=1) for c in fma[1:5:2]]
   shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
   jobs = []
   for n, k in shapes:
     jobs += make_bf16_jobs(1, n, k)
-    table_ahead = {op: dataclasses.replace(tuning.choose(op, 1, n, k, 4),
-                                           prefetch=True)
-                   for op in ("fwd", "dx")}
-    for cfg, ops in ([(None, ("fwd", "dx"))]
-                     + [(table_ahead[op], (op,)) for op in ("fwd", "dx")]
+    table_ahead = [(dataclasses.replace(tuning.choose(op, 1, n, k, 4),
+                                        prefetch=depth), (op,))
+                   for op in ("fwd", "dx") for depth in (1, 2)]
+    for cfg, ops in ([(None, ("fwd", "dx"))] + table_ahead
                      + [(c, ("fwd",)) for c in fma]):
       jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,
                                     which=("ours", "check"))

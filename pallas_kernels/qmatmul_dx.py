@@ -12,7 +12,7 @@ weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
 Rows of dy past M and weight rows past N are masked (read as 0). With
 `split_k = S > 1` (decode), S programs share each output tile, each walking
 one slice of N, and XLA sums their float32 partials `(S, M, K)`. With
-`prefetch` the loop carries the next step's loads (see qmatmul_fwd).
+`prefetch = D` the loop carries the next D steps' loads (see qmatmul_fwd).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from qft_jax._src import qarray as qa
 
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
-               bc: int, scale_mode: str, split: int, prefetch: bool):
+               bc: int, scale_mode: str, split: int, prefetch: int):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_k = layout.kw // bc
@@ -85,12 +85,11 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 for _ in range(layout.planes))
   part = pl.program_id(0) % split
   start, stop = tiles.split_range(part, split, pl.cdiv(layout.n, bn))
-  if prefetch:  # step t computes while step t + 1's loads are in flight
-    def body(t, carry):
-      accs, (byte_tiles, dy, params) = carry
-      ahead = load_step(jnp.minimum(t + 1, stop - 1))  # last: a re-read
-      return compute_step(byte_tiles, dy, params.__getitem__, accs), ahead
-    accs, _ = lax.fori_loop(start, stop, body, (zeros, load_step(start)))
+  if prefetch:  # step t computes while steps t+1 .. t+prefetch load
+    accs = tiles.prefetched_loop(
+        start, stop, prefetch, load_step,
+        lambda loaded, accs: compute_step(loaded[0], loaded[1],
+                                          loaded[2].__getitem__, accs), zeros)
   else:  # each plane's scales just before its arithmetic
     accs = lax.fori_loop(
         start, stop, lambda t, accs: compute_step(

@@ -27,10 +27,10 @@ instead, as a first version did, costs a cross-lane reduction per plane and
 word tile: 20.5 us vs 11.0 for the matrix path at 4096^2 4-bit, M = 1, in
 kernels_probe_h100_2026-11-27.json.)
 
-Prefetch (`TuningConfig(prefetch=True)`). Each step first issues all its
-loads (the packed bytes, the x tile of every plane, every plane's scale and
-zero point), then computes; with prefetch the loop carries the next step's
-loads, issued before this step's compute, so their latency overlaps it.
+Prefetch (`TuningConfig(prefetch=D)`, D >= 1). The loop carries the loads
+of the next D steps (the packed bytes, the x tile of every plane, every
+plane's scale and zero point); step t issues step t + D's loads before its
+own arithmetic, so their latency overlaps D steps of it.
 Triton's own pipelining (`num_stages`) covers loads that feed the matrix
 instruction directly, not these (bytes go through shifts and masks first,
 scales through the ALU): run 1 found `num_stages` 3 and 5 equally fast.
@@ -69,7 +69,7 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
-                fma: bool, prefetch: bool):
+                fma: bool, prefetch: int):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
@@ -124,12 +124,11 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
 
   start, stop = tiles.split_range(pid % split, split, layout.kw // bc)
   acc = jnp.zeros((bn, bc if fma else bm), jnp.float32)
-  if prefetch:  # step t computes while step t + 1's loads are in flight
-    def body(t, carry):
-      acc, (byte_tiles, planes) = carry
-      ahead = load_step(jnp.minimum(t + 1, stop - 1))  # last: a re-read
-      return compute_step(byte_tiles, planes.__getitem__, acc), ahead
-    acc, _ = lax.fori_loop(start, stop, body, (acc, load_step(start)))
+  if prefetch:  # step t computes while steps t+1 .. t+prefetch load
+    acc = tiles.prefetched_loop(
+        start, stop, prefetch, load_step,
+        lambda loaded, acc: compute_step(loaded[0], loaded[1].__getitem__,
+                                         acc), acc)
   else:  # each plane's loads just before its arithmetic
     acc = lax.fori_loop(
         start, stop, lambda t, acc: compute_step(

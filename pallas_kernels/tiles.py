@@ -194,6 +194,23 @@ def centered_exact(c: jax.Array, z: jax.Array | None, cb_ref, layout: Layout,
   return as_16 - z16[:, None]
 
 
+def prefetched_loop(start, stop, depth: int, load_step, compute_step, init):
+  """`acc = compute_step(load_step(t), acc)` for t in `[start, stop)`, with
+  the loads of the next `depth` steps in flight (`TuningConfig.prefetch`).
+
+  Step t issues step t + depth's loads before its own arithmetic; past the
+  last step they are re-reads of it, never used. Requires start < stop.
+  """
+  def body(t, carry):
+    acc, queue = carry
+    ahead = load_step(jnp.minimum(t + depth, stop - 1))
+    return compute_step(queue[0], acc), (*queue[1:], ahead)
+
+  queue = tuple(load_step(jnp.minimum(start + d, stop - 1))
+                for d in range(depth))
+  return lax.fori_loop(start, stop, body, (init, queue))[0]
+
+
 def split_range(part, parts: int, trips: int):
   """Loop bounds `[part*trips//parts, (part+1)*trips//parts)` of one split."""
   if parts == 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 SCALE_MODES = ("weights", "activations")
+MAX_PREFETCH = 4
 CONTRACTIONS = ("mma", "fma")
 
 
@@ -64,10 +65,12 @@ class TuningConfig:
         `scale_mode="weights"`): no operand layout, no padded rows; each row
         re-reads the weight (L2), so it is a candidate for M = 1 decode
         only.
-    prefetch: the contraction loop carries the next step's loads (packed
-      bytes, activation tiles, scales and zero points), issued before this
-      step's arithmetic, so their memory latency overlaps it instead of
-      stalling every step (registers for one more step's operands).
+    prefetch: steps of loads in flight ahead of the arithmetic (0: none).
+      With D > 0 the contraction loop carries the next D steps' loads
+      (packed bytes, activation tiles, scales and zero points), issuing
+      step t + D's before step t's arithmetic, so their memory latency
+      overlaps it instead of stalling every step; each step ahead costs
+      the registers of one step's operands.
   """
   block_m: int = 16
   block_n: int = 32
@@ -78,7 +81,7 @@ class TuningConfig:
   group_m: int = 8
   split_k: int = 1
   contraction: str = "mma"
-  prefetch: bool = False
+  prefetch: int = 0
 
   def __post_init__(self):
     if self.contraction not in CONTRACTIONS:
@@ -109,6 +112,9 @@ class TuningConfig:
       raise ValueError(f"group_m must be >= 1, got {self.group_m}")
     if self.split_k < 1:
       raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+    if not 0 <= self.prefetch <= MAX_PREFETCH:
+      raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} steps ahead, got "
+                       f"{self.prefetch}")
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

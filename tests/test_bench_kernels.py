@@ -27,10 +27,10 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
   rows = got["probe"]
   impls = [(r["impl"], r["op"]) for r in rows]
   for op in ("fwd", "dx"):  # XLA bf16 and the table, with and without prefetch
-    for impl in ("bf16", "table", "mma+prefetch"):
+    for impl in ("bf16", "table", "mma+prefetch1", "mma+prefetch2"):
       assert impls.count((impl, op)) == 1, (impl, op, impls)
   assert impls.count(("fma", "fwd")) >= 4
-  assert impls.count(("fma+prefetch", "fwd")) >= 1
+  assert impls.count(("fma+prefetch1", "fwd")) >= 1
   for r in rows:
     assert r["error"] is None, r
     assert r["us"] > 0

@@ -132,29 +132,33 @@ class _KernelCases:
       ((2, 64, True, None, 3, 40, 256), 3),
   ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"split{v}")
   def test_prefetch_changes_nothing_but_timing(self, case, split):
-    """`prefetch=True` carries the next step's loads; the arithmetic and
-    its order are unchanged, so the outputs are bitwise equal (fwd through
-    both contractions, and dx), including the last step's re-read."""
+    """`prefetch=D` carries the next D steps' loads; the arithmetic and its
+    order are unchanged, so the outputs are bitwise equal (fwd through both
+    contractions, and dx), including the re-reads past the last step (3
+    steps ahead exceeds some programs' steps)."""
     w, x, dy = _inputs(case, seed=np.random.randint(1 << 30))
     base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
                                scale_mode="activations", split_k=split)
     fma = tuning.TuningConfig(block_m=1, block_n=16, block_k=16,
                               scale_mode="weights", split_k=split,
                               contraction="fma")
+    depths = (0, 1, 3)
     for cfg in (base, fma):
-      got = [kq.fwd(x, w, interpret=self.INTERPRET, tuning=c,
-                    out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan,
-                                      x.dtype))
-             for c in (cfg, dataclasses.replace(cfg, prefetch=True))]
-      np.testing.assert_array_equal(np.asarray(got[0], np.float32),
-                                    np.asarray(got[1], np.float32))
-      assert _rel(got[1], kq.reference(x, w)) < TOL
-    got = [kq.dx(dy, w, interpret=self.INTERPRET, tuning=c,
-                 out_init=jnp.full(x.shape, jnp.nan, x.dtype))
-           for c in (base, dataclasses.replace(base, prefetch=True))]
-    np.testing.assert_array_equal(np.asarray(got[0], np.float32),
-                                  np.asarray(got[1], np.float32))
-    assert _rel(got[1], kq.reference_dx(dy, w)) < TOL
+      got = [np.asarray(kq.fwd(
+          x, w, interpret=self.INTERPRET,
+          tuning=dataclasses.replace(cfg, prefetch=d),
+          out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan, x.dtype)),
+                        np.float32) for d in depths]
+      for g in got[1:]:
+        np.testing.assert_array_equal(got[0], g)
+      assert _rel(got[0], kq.reference(x, w)) < TOL
+    got = [np.asarray(kq.dx(dy, w, interpret=self.INTERPRET,
+                            tuning=dataclasses.replace(base, prefetch=d),
+                            out_init=jnp.full(x.shape, jnp.nan, x.dtype)),
+                      np.float32) for d in depths]
+    for g in got[1:]:
+      np.testing.assert_array_equal(got[0], g)
+    assert _rel(got[0], kq.reference_dx(dy, w)) < TOL
 
   def test_split_contraction_matches_unsplit(self):
     """Splitting K (fwd) / N (dx) over programs changes only the grid."""
@@ -188,6 +192,13 @@ class _KernelCases:
                out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan, x.dtype))
     assert y.dtype == x.dtype
     assert _rel(y, kq.reference(x, w)) < TOL
+
+
+def test_prefetch_depth_is_checked():
+  with pytest.raises(ValueError, match="prefetch must be 0..4"):
+    tuning.TuningConfig(prefetch=5)
+  with pytest.raises(ValueError, match="prefetch must be"):
+    tuning.TuningConfig(prefetch=-1)
 
 
 def test_vector_contraction_config_is_checked():
@@ -296,7 +307,7 @@ def test_gpu_lowering_never_holds_a_float_weight():
   fma = tuning.TuningConfig(block_m=1, block_n=64, contraction="fma",
                             scale_mode="weights", split_k=2)
   ahead = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
-                              prefetch=True)
+                              prefetch=2)
   for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=ahead), (16, k)),
