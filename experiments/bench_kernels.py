@@ -370,7 +370,8 @@ def sweep_candidates():
   Run 1's geometry sweep (156 configs) chose the table; this one checks the
   split factor and program width it did not cover at M = 16, the word tile
   of 2/3-bit decode, the vector contraction (`contraction="fma"`, one row
-  per program) at M = 1, and `prefetch` at the table's geometries.
+  per program) at M = 1, `prefetch` at the table's geometries, and split
+  contraction at M = 256.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
@@ -404,6 +405,14 @@ def sweep_candidates():
           if m <= 16 and op == "fwd":
             cands.append((op, m, n, k, bits, dataclasses.replace(
                 base, prefetch=1, split_k=8)))
+    # M = 256 ("mid": 128 programs at N = 4096, latency-bound like unsplit
+    # decode in run 2): split its contraction too.
+    for op in ("fwd", "dx"):
+      base = tuning.choose(op, 256, n, k, 4)
+      for split in (2, 4):
+        for depth in (0, 1):
+          cands.append((op, 256, n, k, 4, dataclasses.replace(
+              base, split_k=split, prefetch=depth)))
     # 2/3-bit hold a word tile of 4 / 8 planes live through the step: does
     # a narrower word tile (fewer registers) cut their per-plane cost?
     for bits in (2, 3):
