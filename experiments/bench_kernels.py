@@ -374,26 +374,25 @@ def sweep_candidates():
   contraction at M = 256.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.tuning import TuningConfig  # pylint: disable=g-import-not-at-top
   cands = []
   for n, k in ((4096, 4096), (11008, 4096)):
     for bn in (32, 64):
       for split in (1, 2, 4, 8, 16):
-        cands.append(("fwd", 16, n, k, 4, TuningConfig(
+        cands.append(("fwd", 16, n, k, 4, tuning.TuningConfig(
             block_m=16, block_n=bn, block_k=128, num_warps=2, num_stages=5,
             scale_mode="activations", split_k=split)))
     for split in (4, 8):
-      cands.append(("fwd", 16, n, k, 4, TuningConfig(
+      cands.append(("fwd", 16, n, k, 4, tuning.TuningConfig(
           block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
           scale_mode="activations", split_k=split)))
     for bn in (16, 32, 64):
       for warps in (1, 2, 4):
         for split in (4, 8, 16):
-          cands.append(("fwd", 1, n, k, 4, TuningConfig(
+          cands.append(("fwd", 1, n, k, 4, tuning.TuningConfig(
               block_m=1, block_n=bn, block_k=128, num_warps=warps,
               num_stages=3, scale_mode="weights", split_k=split,
               contraction="fma")))
-    # Prefetch (the next step's loads in flight during this step's
+    # Prefetch (the next 1 or 2 steps' loads in flight during a step's
     # arithmetic) at the table's decode and training geometries.
     for op in ("fwd", "dx"):
       for m in (1, 16, 4096):
@@ -418,12 +417,12 @@ def sweep_candidates():
     for bits in (2, 3):
       for m in (1, 16):
         for bk in (32, 64, 128):
-          cands.append(("fwd", m, n, k, bits, TuningConfig(
+          cands.append(("fwd", m, n, k, bits, tuning.TuningConfig(
               block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3,
               scale_mode="activations", split_k=4)))
     for bits in (2, 3, 8):
       for bn, warps in ((32, 2), (64, 4)):
-        cands.append(("fwd", 1, n, k, bits, TuningConfig(
+        cands.append(("fwd", 1, n, k, bits, tuning.TuningConfig(
             block_m=1, block_n=bn, block_k=128, num_warps=warps,
             num_stages=3, scale_mode="weights", split_k=8,
             contraction="fma")))
@@ -478,9 +477,10 @@ def _probe_label(kind: str, cfg) -> str:
 
 def run_probe(timer, deadline, workers):
   """M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
-  table's kernel, the table's kernel with `prefetch` 1 and 2, and vector-contraction
-  ("fma") configs with and without it (fwd; the table's two also dx), each
-  with its poisoned-output error check. A minute or two before a sweep."""
+  table's kernel, the table's kernel with `prefetch` 1 and 2 (fwd and dx),
+  and vector-contraction ("fma") configs, two of them also with prefetch
+  (fwd), each with its poisoned-output error check. A minute or two before
+  a sweep."""
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   fma = [tuning.TuningConfig(block_m=1, block_n=bn, block_k=128,
                              num_warps=w, num_stages=3, scale_mode="weights",

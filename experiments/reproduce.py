@@ -16,9 +16,9 @@ cell's JSON carries "error" and is retried by the next invocation.
 135M model leaves most of an H100 idle; each gets 1/N of its memory) and
 records `concurrent_cells` = N in their JSON, since their tokens/s then
 share the device; a cell that runs out of memory beside the others is
-retried once, alone, at the end. `--in_process` runs the cells in this process instead
-(tests, notebooks). "zeroshot" is deterministic and runs at the first seed
-only.
+retried once, alone, at the end. `--in_process` runs the cells in this
+process instead (tests, notebooks). "zeroshot" is deterministic and runs at
+the first seed only.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 computed straight from the packed codes of a `QArray` (2/3/4/8-bit uniform
 codes with or without zero points, or NF4 codebook codes; any group size that
 is a multiple of 16, or per-channel; float or double-quantized scales), bf16
-or f16 activations, float32 accumulation. The weight is never written to device memory in float.
+or f16 activations, float32 accumulation. The weight is never written to
+device memory in float.
 
 `can_use` / `can_use_dx` say whether the kernels apply (backend, dtypes,
 shapes) and why not; `qft_jax`'s `qdot` falls back to XLA when they refuse.

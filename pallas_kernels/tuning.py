@@ -112,7 +112,8 @@ class TuningConfig:
       raise ValueError(f"group_m must be >= 1, got {self.group_m}")
     if self.split_k < 1:
       raise ValueError(f"split_k must be >= 1, got {self.split_k}")
-    if not 0 <= self.prefetch <= MAX_PREFETCH:
+    if (isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int)
+        or not 0 <= self.prefetch <= MAX_PREFETCH):
       raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} steps ahead, got "
                        f"{self.prefetch}")
 

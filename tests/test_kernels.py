@@ -199,6 +199,8 @@ def test_prefetch_depth_is_checked():
     tuning.TuningConfig(prefetch=5)
   with pytest.raises(ValueError, match="prefetch must be"):
     tuning.TuningConfig(prefetch=-1)
+  with pytest.raises(ValueError, match="prefetch must be"):
+    tuning.TuningConfig(prefetch=True)  # a step count, not a switch
 
 
 def test_vector_contraction_config_is_checked():

@@ -122,8 +122,9 @@ class _FakeCell:
     _FakeCell.started.append((cell_id, share,
                               env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")))
     oom = cell_id == "sst2/lora/0" or (cell_id == "sst2/lora/1" and share > 1)
-    record = {"error": "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out "
-                       "of memory while trying to allocate 9.70GiB"} if oom else {}
+    error = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory "
+             "while trying to allocate 9.70GiB")
+    record = {"error": error} if oom else {}
     path = pathlib.Path(self.results) / task / f"{method}_s{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
