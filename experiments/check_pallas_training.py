@@ -6,15 +6,18 @@ r"""QLoRA 4-bit training through the Pallas kernels against the XLA path.
 Builds one model of the LLaMA-7B shape (random weights; `--layers` decoder
 layers; NF4 group-64 base with double-quantized scales and LoRA r16 on all
 seven projections, as bench_models.py's "qlora" row) and trains its LoRA
-factors three times from the same start on the same batches of
+factors four times on the same batches of
 TinyShakespeare bytes (token id = byte): with every quantized matmul,
 forward and input gradient, through XLA's dequantize-then-matmul
 (`matmul_implementation="xla"`); through the Pallas kernels ("pallas", which
 raises if any layer's kernel refuses; `--tiny` runs them in the Pallas
 interpreter on any backend); and through XLA again from a start whose LoRA
 factors are each moved by one ulp (the noise floor: how far one rounding
-decision alone carries the curve). Writes
-`pallas_training_<gpu>_<date>.json`: the three loss curves, the per-step
+decision alone carries the curve); and through Pallas from that perturbed
+start (a second pair: an offset with the same sign in both pairs,
+`mean_signed_rel_diff` and `noise_pair_mean_signed_rel_diff`, comes from
+the kernels' rounding, not from chance). Writes
+`pallas_training_<gpu>_<date>.json`: the four loss curves, the per-step
 relative differences `|loss - loss_xla| / loss_xla`, the relative error of
 the first batch's gradient (Pallas vs XLA), the median step times, and
 `match`: finite, gradient error <= `--grad_tol`, and every step's loss
@@ -83,7 +86,9 @@ def main(argv):
   path.write_text(json.dumps(record, indent=1) + "\n")
   print(json.dumps({k: record[k] for k in (
       "max_rel_diff", "noise_max_rel_diff", "bound", "grad_rel_err",
-      "match", "step_s_xla", "step_s_pallas")}))
+      "mean_signed_rel_diff", "noise_mean_signed_rel_diff",
+      "noise_pair_mean_signed_rel_diff", "match", "step_s_xla",
+      "step_s_pallas")}))
   print(f"wrote {path}")
   if not record["match"]:
     sys.exit(1)

@@ -121,11 +121,17 @@ def train_curve(config, implementation: str, batches, lr: float,
 
 
 def compare(xla: list[float], other: list[float]) -> dict:
-  """Per-step relative differences of `other`'s losses from XLA's."""
-  rel = [abs(p - x) / abs(x) for x, p in zip(xla, other)]
+  """Per-step relative differences of `other`'s losses from XLA's.
+
+  `mean_signed_rel_diff` = mean over steps of `(other - xla) / |xla|`: near
+  zero when the curves cross at random, negative when `other` sits below.
+  """
+  signed = [(p - x) / abs(x) for x, p in zip(xla, other)]
+  rel = [abs(v) for v in signed]
   finite = all(math.isfinite(v) for v in xla + other)
   return {"rel_diff": rel, "max_rel_diff": max(rel),
-          "median_rel_diff": statistics.median(rel), "finite": finite}
+          "median_rel_diff": statistics.median(rel),
+          "mean_signed_rel_diff": statistics.fmean(signed), "finite": finite}
 
 
 NOISE_FACTOR = 2.0
@@ -151,13 +157,17 @@ def verdict(pallas: dict, noise: dict, grad_rel_err: float, tol: float,
 def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
         lr: float, tol: float, text: str, grad_tol: float = 1e-2,
         on_run: Callable[[dict], None] | None = None) -> dict:
-  """The three runs and their comparison, as the launcher's JSON record.
+  """The four runs and their comparison, as the launcher's JSON record.
 
   `on_run`, if given, receives the loss curves finished so far after each
   run (`{name: losses}`), so a caller can save them before a time limit.
 
-  Runs: "xla", the Pallas path, and "xla_noise" (XLA from the one-ulp
-  perturbed start, the noise floor). `tiny`: bench_models' tiny shape in
+  Runs: "xla", the Pallas path, "xla_noise" (XLA from the one-ulp
+  perturbed start, the noise floor) and the Pallas path from that start
+  ("<pallas>_noise"). The last pair repeats the first from another start:
+  if Pallas sits on the same side of XLA in both pairs
+  (`mean_signed_rel_diff`, `noise_pair_mean_signed_rel_diff`), the offset
+  is the kernels' rounding, not chance. The verdict uses the first three. `tiny`: bench_models' tiny shape in
   bf16, batch 2 x 32 tokens (overriding `batch` and `seq_len`), the kernels
   in the Pallas interpreter.
   """
@@ -172,7 +182,8 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
   pallas = "pallas_interpret" if tiny else "pallas"
   curves, times, grads = {}, {}, {}
   for name, impl, perturb in (("xla", "xla", False), (pallas, pallas, False),
-                              ("xla_noise", "xla", True)):
+                              ("xla_noise", "xla", True),
+                              (pallas + "_noise", pallas, True)):
     t0 = time.time()
     curves[name], times[name], grads[name] = train_curve(
         config, impl, batches, lr, chunk, perturb=perturb)
@@ -183,6 +194,7 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
       on_run(dict(curves))
   result = compare(curves["xla"], curves[pallas])
   noise = compare(curves["xla"], curves["xla_noise"])
+  noise_pair = compare(curves["xla_noise"], curves[pallas + "_noise"])
   grad_rel_err = global_rel_err(grads[pallas], grads["xla"])
   step_s = {k: statistics.median(v[1:] or v) for k, v in times.items()}
   return {
@@ -193,6 +205,7 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
       "noise_factor": NOISE_FACTOR, "text": text,
       "loss_xla": curves["xla"], "loss_pallas": curves[pallas],
       "loss_xla_noise": curves["xla_noise"],
+      "loss_pallas_noise": curves[pallas + "_noise"],
       "pallas_implementation": pallas,
       # The first step compiles; the median of the others is the step time.
       "step_s_xla": step_s["xla"], "step_s_pallas": step_s[pallas],
@@ -200,6 +213,9 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
       "noise_rel_diff": noise["rel_diff"],
       "noise_max_rel_diff": noise["max_rel_diff"],
       "noise_median_rel_diff": noise["median_rel_diff"],
+      "noise_mean_signed_rel_diff": noise["mean_signed_rel_diff"],
+      "noise_pair_max_rel_diff": noise_pair["max_rel_diff"],
+      "noise_pair_mean_signed_rel_diff": noise_pair["mean_signed_rel_diff"],
       "grad_rel_err": grad_rel_err,
       "grad_rel_err_noise": global_rel_err(grads["xla_noise"], grads["xla"]),
       **verdict(result, noise, grad_rel_err, tol, grad_tol),

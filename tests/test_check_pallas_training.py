@@ -30,7 +30,9 @@ def test_qlora_training_through_the_interpreted_kernels(monkeypatch):
                   lr=1e-3, tol=1e-2, text=text,
                   on_run=lambda curves: finished.append(sorted(curves)))
   assert finished == [["xla"], ["pallas_interpret", "xla"],
-                      ["pallas_interpret", "xla", "xla_noise"]]
+                      ["pallas_interpret", "xla", "xla_noise"],
+                      ["pallas_interpret", "pallas_interpret_noise", "xla",
+                       "xla_noise"]]
   # 7 projections x (scanned layer body) traced for forward and backward.
   assert calls["fwd"] >= 7 and calls["dx"] >= 7, calls
   assert rec["match"] and rec["finite"], rec["rel_diff"]
@@ -41,6 +43,10 @@ def test_qlora_training_through_the_interpreted_kernels(monkeypatch):
   assert len(rec["loss_xla"]) == len(rec["loss_pallas"]) == 4
   assert rec["loss_xla"][-1] < rec["loss_xla"][0]  # it trains
   assert rec["loss_xla"] != rec["loss_pallas"]  # two different paths
+  assert rec["loss_pallas_noise"] not in (rec["loss_pallas"],
+                                          rec["loss_xla_noise"])
+  assert abs(rec["noise_pair_mean_signed_rel_diff"]) <= rec[
+      "noise_pair_max_rel_diff"]
 
 
 def test_verdict_bound_and_refusals():
@@ -54,6 +60,9 @@ def test_verdict_bound_and_refusals():
   assert got["match"] is True and abs(got["bound"] - 0.08) < 1e-9
   # A wrong first gradient fails whatever the curves do.
   assert check.verdict(same, same, 0.5, 1e-2, 1e-2)["match"] is False
+  below = check.compare([2.0, 1.0], [1.9, 1.05])  # -5 %, then +5 %
+  assert abs(below["mean_signed_rel_diff"]) < 1e-12
+  assert abs(off["mean_signed_rel_diff"] - 0.025) < 1e-12
   nan = check.compare([2.0, float("nan")], [2.0, float("nan")])
   assert nan["finite"] is False
   assert check.verdict(nan, same, 1e-3, 1e-2, 1e-2)["match"] is False
