@@ -42,6 +42,8 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 MS = [1, 4, 16, 256, 4096]
 BITS = [2, 3, 4, 8]
 GROUP = 128
+NF4_DQ = "nf4_dq"  # QLoRA's base weight: NF4 g64, double-quantized scales
+TRAIN_M = 2048  # check_pallas_training.py's tokens per step (4 x 512)
 L2_OVERFLOW_BYTES = 160 * 2**20  # rotate over at least this much weight data
 INTERPRET = False  # --dry_run: tiny shapes in the Pallas interpreter (CPU)
 
@@ -197,9 +199,10 @@ def ceilings(timer) -> dict:
 
 
 def quant_config(bits):
+  """QuantConfig of `bits` (NF4_DQ: its first level, see `_random_weight`)."""
   from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
   _, jnp = _jax_setup()
-  if bits == "nf4":
+  if bits in ("nf4", NF4_DQ):
     return qa.QuantConfig(bits=4, group_size=64, symmetric=True,
                           codebook="nf4", scale_dtype=jnp.bfloat16)
   return qa.QuantConfig(bits=bits, group_size=GROUP, symmetric=False,
@@ -233,14 +236,24 @@ def _compile_all(jobs, workers: int, deadline: float):
     list(ex.map(one, jobs))
 
 
-def _weight_sets(key, n, k, bits, r, abstract):
+def _random_weight(key, n, k, bits):
+  """A random `(n, k)` QArray of `bits`. NF4_DQ stores its scales as QLoRA
+  and check_pallas_training.py do (`nf4.double_quantize`: 8-bit codes in
+  blocks of 256 scales, float32 second-level scales)."""
   from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
-  jax, jnp = _jax_setup()
-  cfg = quant_config(bits)
+  from qft_jax._src.quantizers import nf4  # pylint: disable=g-import-not-at-top
+  w = qa.random_qarray(key, (n, k), quant_config(bits))
+  if bits == NF4_DQ:
+    w = dataclasses.replace(w, scale=nf4.double_quantize(w.scale))
+  return w
+
+
+def _weight_sets(key, n, k, bits, r, abstract):
+  jax, _ = _jax_setup()
+  make = functools.partial(_random_weight, n=n, k=k, bits=bits)
   if abstract:
-    return [qa.abstract_qarray((n, k), cfg)] * r
-  keys = jax.random.split(jax.random.PRNGKey(key), r)
-  return [qa.random_qarray(kk, (n, k), cfg) for kk in keys]
+    return [jax.eval_shape(make, jax.random.PRNGKey(key))] * r
+  return [make(kk) for kk in jax.random.split(jax.random.PRNGKey(key), r)]
 
 
 def _act_sets(key, shape, r, abstract):
@@ -253,10 +266,10 @@ def _act_sets(key, shape, r, abstract):
 
 def _qbytes(n, k, bits):
   cfg = quant_config(bits)
-  b = 4 if bits == "nf4" else bits
   g = cfg.group_size
   zero = 0 if cfg.symmetric else 1
-  return n * k * b // 8 + n * (k // g) * (2 + zero)
+  scale = 1 if bits == NF4_DQ else 2
+  return n * k * cfg.bits // 8 + n * (k // g) * (scale + zero)
 
 
 def _check_fn(a, w, poison, *, op, tuning):
@@ -466,9 +479,13 @@ def run_sweep(timer, deadline, workers):
   return out
 
 
-def _probe_label(kind: str, cfg) -> str:
+def _probe_label(kind: str, cfg, bits) -> str:
+  """A probe row's impl: "bf16"; NF4 training rows "nf4+xla_dequant" and
+  "nf4+<lookup>"; 4-bit rows "table" or "<contraction>[+prefetch<D>]"."""
   if kind == "bf16":
     return "bf16"
+  if bits == NF4_DQ:
+    return "nf4+" + ("xla_dequant" if kind == "deq" else cfg.lookup)
   if cfg is None:
     return "table"
   return cfg.contraction + (f"+prefetch{cfg.prefetch}" if cfg.prefetch
@@ -476,11 +493,19 @@ def _probe_label(kind: str, cfg) -> str:
 
 
 def run_probe(timer, deadline, workers):
-  """M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
+  """Decode and NF4 training rows, each kernel with its poisoned-output
+  error check; a minute or two before a sweep.
+
+  Decode: M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
   table's kernel, the table's kernel with `prefetch` 1 and 2 (fwd and dx),
   and vector-contraction ("fma") configs, two of them also with prefetch
-  (fwd), each with its poisoned-output error check. A minute or two before
-  a sweep."""
+  (fwd).
+
+  NF4 training: M = TRAIN_M with QLoRA's weight (NF4_DQ) at the same two
+  shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul, and the table's
+  kernel under each codebook lookup (`TuningConfig.lookup`, "gather" and
+  "select"). The dry run times the TRAIN_M configs at M = 17.
+  """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   fma = [tuning.TuningConfig(block_m=1, block_n=bn, block_k=128,
                              num_warps=w, num_stages=3, scale_mode="weights",
@@ -489,6 +514,7 @@ def run_probe(timer, deadline, workers):
                            (64, 4, 4), (64, 4, 8))]
   fma += [dataclasses.replace(c, prefetch=1) for c in fma[1:5:2]]
   shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
+  train_m = 17 if INTERPRET else TRAIN_M
   jobs = []
   for n, k in shapes:
     jobs += make_bf16_jobs(1, n, k)
@@ -500,17 +526,27 @@ def run_probe(timer, deadline, workers):
       jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,
                                     which=("ours", "check"))
                if j.key[1] in ops]
+  for n, k in shapes:
+    jobs += make_bf16_jobs(train_m, n, k)
+    jobs += make_jobs(train_m, n, k, NF4_DQ, which=("deq",))
+    for op in ("fwd", "dx"):
+      for lookup in tuning.LOOKUPS:
+        cfg = dataclasses.replace(tuning.choose(op, TRAIN_M, n, k, 4),
+                                  lookup=lookup)
+        jobs += [j for j in make_jobs(train_m, n, k, NF4_DQ, tuning=cfg,
+                                      which=("ours", "check"))
+                 if j.key[1] == op]
   _compile_all(jobs, workers, deadline)
   res = time_jobs(jobs, timer, deadline)
   rows = []
   for job in jobs:
-    kind, op, _, n, k, _, cfg = job.key
+    kind, op, m, n, k, bits, cfg = job.key
     if kind == "check":
       continue
     check = res.get(("check",) + job.key[1:])
     v = res[job.key]
     rows.append(dict(
-        impl=_probe_label(kind, cfg), op=op,
+        impl=_probe_label(kind, cfg, bits), op=op, M=m, bits=bits,
         N=n, K=k, config=dataclasses.asdict(cfg) if cfg else None,
         us=v * 1e3 if isinstance(v, float) else None,
         rel_err=check if isinstance(check, float) else None,
@@ -526,7 +562,8 @@ def main():
   ap.add_argument("--peer", help="internal: run the torch peer into this file")
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--probe", action="store_true",
-                  help="only `run_probe` (M = 1 fwd, about a minute)")
+                  help="only `run_probe` (M = 1 decode and NF4 training "
+                  "rows, a minute or two)")
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--bits", default=",".join(map(str, BITS)) + ",nf4")
@@ -570,7 +607,9 @@ def main():
                         "repeats, rotated over >=160 MiB of weights"),
                 quant=dict(group_size=GROUP, zero_point=True,
                            scale_dtype="bfloat16",
-                           nf4=dict(group_size=64, scale_dtype="bfloat16")),
+                           nf4=dict(group_size=64, scale_dtype="bfloat16"),
+                           nf4_dq=dict(group_size=64, scales=(
+                               "8-bit, blocks of 256, float32 second level"))),
                 peer={k: v for k, v in peer.items() if k != "rows"},
                 rows=[])
   gpu_tag = next((t.lower() for t in ("H100", "H200", "A100") if t in gpu),

@@ -12,7 +12,8 @@ weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
 Rows of dy past M and weight rows past N are masked (read as 0). With
 `split_k = S > 1` (decode), S programs share each output tile, each walking
 one slice of N, and XLA sums their float32 partials `(S, M, K)`. With
-`prefetch = D` the loop carries the next D steps' loads (see qmatmul_fwd).
+`prefetch = D` the loop carries the next D steps' loads, and `lookup` picks
+how codebook levels are formed (see qmatmul_fwd).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from qft_jax._src import qarray as qa
 
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
-               bc: int, scale_mode: str, split: int, prefetch: int):
-  q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
+               bc: int, scale_mode: str, split: int, prefetch: int,
+               lookup: str):
+  q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
+                                                              lookup)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_k = layout.kw // bc
   pid = pl.program_id(0) // split
@@ -67,11 +70,11 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
       s, z = tiles.group_params(*params_of_plane(i))
       c = tiles.plane_codes(words, i, layout.bits)
       if scale_mode == "weights":
-        w = (tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
-             ).astype(dtype)
+        w = (tiles.centered_f32(c, z, cb_ref, layout, lookup)
+             * s[:, None]).astype(dtype)
         lhs = dy
       else:
-        w = tiles.centered_exact(c, z, cb_ref, layout, dtype)
+        w = tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
         lhs = (dy.astype(jnp.float32) * s[None, :]).astype(dtype)
       new.append(acc + jnp.dot(lhs, w, preferred_element_type=jnp.float32))
     return tuple(new)
@@ -122,13 +125,13 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))
   kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
                              bc=bc, scale_mode=cfg.scale_mode, split=split,
-                             prefetch=cfg.prefetch)
+                             prefetch=cfg.prefetch, lookup=cfg.lookup)
   grid = (pl.cdiv(m, bm) * (layout.kw // bc) * split,)
   # split > 1: float32 partial sums per slice of N, summed below.
   out_shape, out_dtype = (m, layout.planes, layout.kw), dy2d.dtype
   if split > 1:
     out_shape, out_dtype = (split, *out_shape), jnp.float32
-  operands = [dy2d, *tiles.weight_operands(w, layout)]
+  operands = [dy2d, *tiles.weight_operands(w, layout, cfg.lookup)]
   aliases = {}
   if out_init is not None:
     aliases = {len(operands): 0}

@@ -35,6 +35,10 @@ Triton's own pipelining (`num_stages`) covers loads that feed the matrix
 instruction directly, not these (bytes go through shifts and masks first,
 scales through the ALU): run 1 found `num_stages` 3 and 5 equally fast.
 
+Codebook codes (NF4) become their levels by a gather from a 16-entry
+operand or by a select tree on constants (`TuningConfig(lookup=...)`, see
+tiles); the outputs are bitwise equal.
+
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
 plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
@@ -69,8 +73,9 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
-                fma: bool, prefetch: int):
-  q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout)
+                fma: bool, prefetch: int, lookup: str):
+  q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
+                                                              lookup)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
   pid = pl.program_id(0)
@@ -103,15 +108,15 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
       s, z = tiles.group_params(*raw)
       c = tiles.plane_codes(words, i, layout.bits)
       if fma:  # bm == 1: acc (bn, bc) += deq(W_tile) * x (1, bc)
-        w = tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
+        w = tiles.centered_f32(c, z, cb_ref, layout, lookup) * s[:, None]
         acc += w * x.astype(jnp.float32)
       elif scale_mode == "weights":
-        w = (tiles.centered_f32(c, z, cb_ref, layout) * s[:, None]
-             ).astype(dtype)
+        w = (tiles.centered_f32(c, z, cb_ref, layout, lookup)
+             * s[:, None]).astype(dtype)
         acc += lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
       else:
-        w = tiles.centered_exact(c, z, cb_ref, layout, dtype)
+        w = tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
         part = lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
         acc += s[:, None] * part
@@ -162,14 +167,14 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
-      fma=cfg.contraction == "fma", prefetch=cfg.prefetch)
+      fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup)
   x3 = x2d.reshape(m, layout.planes, layout.kw)
   grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn) * split,)
   # split > 1: float32 partial sums per contraction slice, summed below.
   out_shape, out_dtype = (m, layout.n), x2d.dtype
   if split > 1:
     out_shape, out_dtype = (split, m, layout.n), jnp.float32
-  operands = [x3, *tiles.weight_operands(w, layout)]
+  operands = [x3, *tiles.weight_operands(w, layout, cfg.lookup)]
   aliases = {}
   if out_init is not None:
     aliases = {len(operands): 0}

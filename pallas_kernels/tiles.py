@@ -21,6 +21,17 @@ Integer codes become floats without the slow int-to-float conversion unit:
     f16:  bitcast(c | 0x6400)     = 1024 + c       (exact for c < 1024)
 
 and the offset is folded into the zero point, so `q - z` comes out exact.
+
+Codebook (NF4) codes become their float32 levels one of two ways
+(`TuningConfig.lookup`, same values either way): "gather" loads `levels[c]`
+from a `(2**bits,)` float32 operand, one load per weight element; "select"
+builds them in registers from the static codebook by a binary select tree
+over the code's bits, low bit first,
+
+    v_j^(0) = levels[j]
+    v_j^(b+1) = where(bit b of c, v_(2j+1)^(b), v_(2j)^(b)),   c -> v_0^(bits)
+
+`2**bits - 1` selects on constants (15 for NF4), with no codebook operand.
 """
 
 from __future__ import annotations
@@ -77,27 +88,35 @@ def layout_of(w: qa.QArray) -> Layout:
                 else tuple(float(v) for v in qa.CODEBOOKS[w.codebook])))
 
 
-def weight_operands(w: qa.QArray, layout: Layout) -> list[jax.Array]:
+def gathers_levels(layout: Layout, lookup: str) -> bool:
+  """Whether the kernel reads codebook levels from an operand ("gather")."""
+  return layout.codebook is not None and lookup == "gather"
+
+
+def weight_operands(w: qa.QArray, layout: Layout,
+                    lookup: str) -> list[jax.Array]:
   """The kernel's weight inputs: q (N, B, Kw), scale, [zero], [levels].
 
   Double-quantized scales (QLoRA's nested QArray) are expanded to their
   float32 `(N, G)` matrix first: N * G values, K / g times fewer than the
-  weight's, so the weight itself is still never written in float.
+  weight's, so the weight itself is still never written in float. The
+  float32 levels `(2**bits,)` are an operand only for a codebook under
+  `lookup="gather"`.
   """
   scale = w.scale if not isinstance(w.scale, qa.QArray) else qa.dense_scale(w)
   ops = [w.qvalue.reshape(layout.n, layout.nbytes, layout.kw), scale]
   if layout.has_zero:
     ops.append(w.zero_point)
-  if layout.codebook is not None:
+  if gathers_levels(layout, lookup):
     ops.append(jnp.asarray(layout.codebook, jnp.float32))
   return ops
 
 
-def split_weight_refs(refs, layout: Layout):
+def split_weight_refs(refs, layout: Layout, lookup: str):
   """(q_ref, s_ref, z_ref | None, levels_ref | None, rest)."""
   q_ref, s_ref, *rest = refs
   z_ref = rest.pop(0) if layout.has_zero else None
-  cb_ref = rest.pop(0) if layout.codebook is not None else None
+  cb_ref = rest.pop(0) if gathers_levels(layout, lookup) else None
   return q_ref, s_ref, z_ref, cb_ref, rest
 
 
@@ -153,16 +172,46 @@ def group_params(s: jax.Array, z: jax.Array | None
   return s.astype(jnp.float32), None if z is None else z.astype(jnp.int32)
 
 
-def _lookup(cb_ref, c: jax.Array) -> jax.Array:
-  """Codebook levels of codes `c` (a gather from the 16-entry table)."""
+def select_levels(c: jax.Array, codebook: tuple[float, ...]) -> jax.Array:
+  """float32 `codebook[c]` by a binary select tree over the bits of `c`.
+
+  Round b keeps, of each pair of candidates left by the rounds before it,
+  the one bit b of the code names: `len(codebook) / 2**(b + 1)` selects, so
+  `len(codebook) - 1` in all (8 + 4 + 2 + 1 for NF4). Round 0 selects among
+  the levels as float32 constants, the values the gather's table holds.
+
+  Args:
+    c: int32 codes, any shape, each in `[0, len(codebook))`.
+    codebook: the levels (a power-of-two count).
+
+  Returns:
+    float32 levels, the shape of `c`.
+  """
+  vals = [jnp.float32(v) for v in codebook]
+  bit = 1
+  while len(vals) > 1:
+    on = (c & bit) != 0
+    vals = [jnp.where(on, hi, lo) for lo, hi in zip(vals[::2], vals[1::2])]
+    bit <<= 1
+  return vals[0]
+
+
+def _levels(c: jax.Array, cb_ref, layout: Layout, lookup: str) -> jax.Array:
+  """float32 codebook levels of codes `c` (see the module docstring)."""
+  if lookup == "select":
+    return select_levels(c, layout.codebook)
   return plt.load(cb_ref.at[c])
 
 
-def centered_f32(c: jax.Array, z: jax.Array | None, cb_ref,
-                 layout: Layout) -> jax.Array:
-  """float32 `q - z` (uniform) or `levels[q]` (codebook), exact."""
+def centered_f32(c: jax.Array, z: jax.Array | None, cb_ref, layout: Layout,
+                 lookup: str) -> jax.Array:
+  """float32 `q - z` (uniform) or `levels[q]` (codebook), exact.
+
+  `cb_ref` is the levels operand under `lookup="gather"` (else None);
+  uniform codes ignore both.
+  """
   if layout.codebook is not None:
-    return _lookup(cb_ref, c)
+    return _levels(c, cb_ref, layout, lookup)
   as_f32 = lax.bitcast_convert_type(c | 0x4B000000, jnp.float32)
   if z is None:
     offset = jnp.float32(2.0**23 + layout.implicit_zero)
@@ -178,14 +227,17 @@ _MAGIC_16 = {jnp.dtype(jnp.bfloat16): (0x4300, 7, 128.0),
 
 
 def centered_exact(c: jax.Array, z: jax.Array | None, cb_ref, layout: Layout,
-                   dtype: Any) -> jax.Array:
-  """`q - z` in `dtype` (exact: |q - z| < 256), or `levels[q]` rounded."""
+                   lookup: str, dtype: Any) -> jax.Array:
+  """`q - z` in `dtype` (exact: |q - z| < 256), or `levels[q]` rounded.
+
+  `cb_ref` and `lookup` as in `centered_f32`.
+  """
   dtype = jnp.dtype(dtype)
   if layout.codebook is not None:
-    return _lookup(cb_ref, c).astype(dtype)
+    return _levels(c, cb_ref, layout, lookup).astype(dtype)
   magic = _MAGIC_16.get(dtype)
   if magic is None or layout.bits > magic[1]:
-    return centered_f32(c, z, cb_ref, layout).astype(dtype)
+    return centered_f32(c, z, cb_ref, layout, lookup).astype(dtype)
   pattern, _, value = magic
   as_16 = lax.bitcast_convert_type((c | pattern).astype(jnp.int16), dtype)
   if z is None:

@@ -24,6 +24,7 @@ import dataclasses
 SCALE_MODES = ("weights", "activations")
 MAX_PREFETCH = 4
 CONTRACTIONS = ("mma", "fma")
+LOOKUPS = ("gather", "select")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,16 @@ class TuningConfig:
       step t + D's before step t's arithmetic, so their memory latency
       overlaps it instead of stalling every step; each step ahead costs
       the registers of one step's operands.
+    lookup: how codebook (NF4) codes become their float32 levels; uniform
+      codes ignore it. Both are exact and give bitwise-equal outputs.
+      "gather": `levels[c]`, a load from a 16-entry float32 operand per
+        weight element (served by L1, but a memory instruction each).
+      "select": a binary tree of `where`s over the code's bits with the
+        static levels as constant operands, `2**bits - 1` selects (15 for
+        NF4; about 20 ALU operations per element with the bit tests), no
+        memory access and no codebook operand. Which one wins depends on
+        whether the kernel is short of load or ALU issue slots, so the
+        probe (experiments/bench_kernels.py) times both.
   """
   block_m: int = 16
   block_n: int = 32
@@ -82,6 +93,7 @@ class TuningConfig:
   split_k: int = 1
   contraction: str = "mma"
   prefetch: int = 0
+  lookup: str = "gather"
 
   def __post_init__(self):
     if self.contraction not in CONTRACTIONS:
@@ -116,6 +128,9 @@ class TuningConfig:
         or not 0 <= self.prefetch <= MAX_PREFETCH):
       raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} steps ahead, got "
                        f"{self.prefetch}")
+    if self.lookup not in LOOKUPS:
+      raise ValueError(f"lookup must be one of {LOOKUPS}, got "
+                       f"{self.lookup!r}")
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

@@ -25,19 +25,28 @@ def _run(tmp_path, *flags):
 def test_probe_times_every_config_and_checks_it(tmp_path):
   got = _run(tmp_path, "--probe")
   rows = got["probe"]
-  impls = [(r["impl"], r["op"]) for r in rows]
+  decode = [(r["impl"], r["op"]) for r in rows if r["M"] == 1]
+  train = [(r["impl"], r["op"]) for r in rows if r["M"] > 1]
   for op in ("fwd", "dx"):  # XLA bf16 and the table, with and without prefetch
     for impl in ("bf16", "table", "mma+prefetch1", "mma+prefetch2"):
-      assert impls.count((impl, op)) == 1, (impl, op, impls)
-  assert impls.count(("fma", "fwd")) >= 4
-  assert impls.count(("fma+prefetch1", "fwd")) >= 1
+      assert decode.count((impl, op)) == 1, (impl, op, decode)
+    # NF4 training: XLA bf16 and dequantize-then-matmul, both lookups
+    for impl in ("bf16", "nf4+xla_dequant", "nf4+gather", "nf4+select"):
+      assert train.count((impl, op)) == 1, (impl, op, train)
+  assert decode.count(("fma", "fwd")) >= 4
+  assert decode.count(("fma+prefetch1", "fwd")) >= 1
   for r in rows:
     assert r["error"] is None, r
     assert r["us"] > 0
-    if r["impl"] != "bf16":
+    if r["impl"] not in ("bf16", "nf4+xla_dequant"):
       assert r["rel_err"] < 1e-2, r
   assert all(r["config"]["scale_mode"] == "weights"
              for r in rows if r["impl"] == "fma")
+  for r in rows:
+    if r["impl"] in ("nf4+gather", "nf4+select"):
+      assert r["bits"] == "nf4_dq"
+      assert r["config"]["lookup"] == r["impl"].split("+")[1], r
+      assert r["config"]["block_m"] >= 128, r  # the table's training tile
 
 
 def test_sweep_and_table_rows(tmp_path):

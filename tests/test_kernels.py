@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import qmatmul as kq
+from pallas_kernels import tiles
 from pallas_kernels import tuning
 from qft_jax._src import qarray as qa
 from qft_jax._src import qmatmul as qm
@@ -160,6 +161,40 @@ class _KernelCases:
       np.testing.assert_array_equal(got[0], g)
     assert _rel(got[0], kq.reference_dx(dy, w)) < TOL
 
+  @pytest.mark.parametrize("double_quant", [False, True],
+                           ids=["float-scales", "dq-scales"])
+  def test_select_lookup_matches_gather(self, double_quant):
+    """`lookup="select"` forms NF4 levels by a select tree on constants, the
+    same float32 values the gather loads, so every path's output is bitwise
+    equal: fwd through both scale modes and the vector contraction, and dx,
+    with split contractions."""
+    w, x, dy = _inputs((4, 64, True, "nf4", 3, 40, 128),
+                       seed=np.random.randint(1 << 30))
+    if double_quant:
+      w = dataclasses.replace(w, scale=nf4.double_quantize(w.scale))
+    mma = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
+                              scale_mode="activations", split_k=2)
+    runs = [
+        (kq.fwd, x, mma),
+        (kq.fwd, x, dataclasses.replace(mma, scale_mode="weights",
+                                        split_k=1)),
+        (kq.fwd, x, tuning.TuningConfig(block_m=1, block_n=16, block_k=16,
+                                        scale_mode="weights", split_k=2,
+                                        contraction="fma")),
+        (kq.dx, dy, mma),
+        (kq.dx, dy, dataclasses.replace(mma, scale_mode="weights",
+                                        split_k=1)),
+    ]
+    for f, a, cfg in runs:
+      out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
+      got = [np.asarray(f(a, w, interpret=self.INTERPRET,
+                          tuning=dataclasses.replace(cfg, lookup=lookup),
+                          out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
+                        np.float32) for lookup in tuning.LOOKUPS]
+      np.testing.assert_array_equal(got[0], got[1], err_msg=str(cfg))
+      ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
+      assert _rel(got[1], ref) < TOL, cfg
+
   def test_split_contraction_matches_unsplit(self):
     """Splitting K (fwd) / N (dx) over programs changes only the grid."""
     w, x, dy = _inputs((4, 32, False, None, 3, 48, 128),
@@ -201,6 +236,22 @@ def test_prefetch_depth_is_checked():
     tuning.TuningConfig(prefetch=-1)
   with pytest.raises(ValueError, match="prefetch must be"):
     tuning.TuningConfig(prefetch=True)  # a step count, not a switch
+
+
+def test_lookup_is_checked():
+  with pytest.raises(ValueError, match="lookup must be one of .*'table'"):
+    tuning.TuningConfig(lookup="table")
+
+
+def test_select_levels_are_the_float32_codebook():
+  """The select tree returns, bit for bit, the float32 table the gather
+  loads, for every code."""
+  levels = tiles.layout_of(_q(codebook="nf4", symmetric=True)).codebook
+  codes = jnp.arange(16, dtype=jnp.int32).reshape(4, 4)
+  got = np.asarray(tiles.select_levels(codes, levels))
+  want = np.asarray(jnp.asarray(levels, jnp.float32)[codes])
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_vector_contraction_config_is_checked():
@@ -302,6 +353,21 @@ def test_gate_names_the_backend():
     assert not ok and "backend" in reason
 
 
+def _cuda_text(fn, a_shape, w) -> str:
+  """The program `fn(a, w)` lowers to for CUDA (on any backend)."""
+  lowered = jax.jit(fn).trace(jax.ShapeDtypeStruct(a_shape, jnp.bfloat16),
+                              w).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert "tt.func" in text or "__gpu$xla.gpu.triton" in text
+  return text
+
+
+def _assert_no_float_weight(text, n, k):
+  for dt in ("bf16", "f16", "f32"):
+    assert f"tensor<{n}x{k}x{dt}>" not in text
+    assert f"tensor<{n}x{k // 2}x2x{dt}>" not in text
+
+
 def test_gpu_lowering_never_holds_a_float_weight():
   """The lowered GPU program has no (N, K) float array: only packed codes."""
   n, k = 256, 512
@@ -314,13 +380,25 @@ def test_gpu_lowering_never_holds_a_float_weight():
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=ahead), (16, k)),
                 (functools.partial(kq.qmatmul_dx.dx, tuning=ahead), (16, n))]:
-    lowered = jax.jit(fn).trace(jax.ShapeDtypeStruct(a, jnp.bfloat16),
-                                w).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert "tt.func" in text or "__gpu$xla.gpu.triton" in text
-    for dt in ("bf16", "f16", "f32"):
-      assert f"tensor<{n}x{k}x{dt}>" not in text
-      assert f"tensor<{n}x{k // 2}x2x{dt}>" not in text
+    _assert_no_float_weight(_cuda_text(fn, a, w), n, k)
+
+
+@pytest.mark.parametrize("lookup", tuning.LOOKUPS)
+def test_gpu_lowering_of_codebook_lookups(lookup):
+  """NF4 lowers for CUDA under both lookups (mma, fma and dx) without a
+  float weight; only "gather" passes the 16 levels as an operand."""
+  n, k = 256, 512
+  w = qa.abstract_qarray((n, k), qa.QuantConfig(
+      bits=4, group_size=64, symmetric=True, codebook="nf4"))
+  mma = tuning.TuningConfig(block_m=16, block_n=64, lookup=lookup)
+  fma = tuning.TuningConfig(block_m=1, block_n=64, contraction="fma",
+                            scale_mode="weights", split_k=2, lookup=lookup)
+  for fn, a in [(functools.partial(kq.qmatmul_fwd.fwd, tuning=mma), (16, k)),
+                (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k)),
+                (functools.partial(kq.qmatmul_dx.dx, tuning=mma), (16, n))]:
+    text = _cuda_text(fn, a, w)
+    _assert_no_float_weight(text, n, k)
+    assert ("tensor<16xf32>" in text) == (lookup == "gather")
 
 
 def test_decode_table_is_run_two_sweep_winner():
@@ -331,6 +409,6 @@ def test_decode_table_is_run_two_sweep_winner():
     assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.split_k) == (
         64, 4, 3, 4)
   dx = tuning.choose("dx", 1, 4096, 4096, 4)
-  tiles = (4096 // 8) // dx.block_k
+  word_tiles = (4096 // 8) // dx.block_k
   assert dx.split_k == min(tuning.MAX_SPLIT,
-                           -(-tuning.DECODE_TARGET_PROGRAMS // tiles))
+                           -(-tuning.DECODE_TARGET_PROGRAMS // word_tiles))
