@@ -488,8 +488,8 @@ def _probe_label(kind: str, cfg, bits) -> str:
     return "nf4+" + ("xla_dequant" if kind == "deq" else cfg.lookup)
   if cfg is None:
     return "table"
-  return cfg.contraction + (f"+prefetch{cfg.prefetch}" if cfg.prefetch
-                            else "")
+  return (cfg.contraction + (f"+prefetch{cfg.prefetch}" if cfg.prefetch
+                             else "") + ("+ptx" if cfg.unpack == "ptx" else ""))
 
 
 def run_probe(timer, deadline, workers):
@@ -497,7 +497,8 @@ def run_probe(timer, deadline, workers):
   error check; a minute or two before a sweep.
 
   Decode: M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
-  table's kernel, the table's kernel with `prefetch` 1 and 2 (fwd and dx),
+  table's kernel, the table's kernel with `prefetch` 1 and 2 and with
+  `unpack="ptx"` (fwd and dx),
   and vector-contraction ("fma") configs, two of them also with prefetch
   (fwd).
 
@@ -521,6 +522,9 @@ def run_probe(timer, deadline, workers):
     table_ahead = [(dataclasses.replace(tuning.choose(op, 1, n, k, 4),
                                         prefetch=depth), (op,))
                    for op in ("fwd", "dx") for depth in (1, 2)]
+    table_ahead += [(dataclasses.replace(tuning.choose(op, 1, n, k, 4),
+                                         unpack="ptx"), (op,))
+                    for op in ("fwd", "dx")]
     for cfg, ops in ([(None, ("fwd", "dx"))] + table_ahead
                      + [(c, ("fwd",)) for c in fma]):
       jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,

@@ -12,8 +12,9 @@ weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
 Rows of dy past M and weight rows past N are masked (read as 0). With
 `split_k = S > 1` (decode), S programs share each output tile, each walking
 one slice of N, and XLA sums their float32 partials `(S, M, K)`. With
-`prefetch = D` the loop carries the next D steps' loads, and `lookup` picks
-how codebook levels are formed (see qmatmul_fwd).
+`prefetch = D` the loop carries the next D steps' loads, `lookup` picks
+how codebook levels are formed and `unpack` how 2/4-bit codes are unpacked
+(see qmatmul_fwd and tiles).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from qft_jax._src import qarray as qa
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                bc: int, scale_mode: str, split: int, prefetch: int,
-               lookup: str):
+               lookup: str, ptx: bool | None):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
@@ -64,17 +65,21 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
     return tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask, groups[i])
 
   def compute_step(byte_tiles, dy, params_of_plane, accs):
-    words = tiles.assemble_words(byte_tiles)
+    if ptx is None:
+      codes = tiles.assemble_words(byte_tiles)
+    else:  # unpack="ptx": every plane's `bias + q` tile at once
+      codes = tiles.biased_planes(byte_tiles[0], layout, dtype, ptx)
     new = []
     for i, acc in enumerate(accs):
       s, z = tiles.group_params(*params_of_plane(i))
-      c = tiles.plane_codes(words, i, layout.bits)
+      c = tiles.plane_codes(codes, i, layout.bits) if ptx is None else None
       if scale_mode == "weights":
         w = (tiles.centered_f32(c, z, cb_ref, layout, lookup)
              * s[:, None]).astype(dtype)
         lhs = dy
       else:
-        w = tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
+        w = (tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
+             if ptx is None else tiles.unbias(codes[i], z, layout))
         lhs = (dy.astype(jnp.float32) * s[None, :]).astype(dtype)
       new.append(acc + jnp.dot(lhs, w, preferred_element_type=jnp.float32))
     return tuple(new)
@@ -125,7 +130,9 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))
   kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
                              bc=bc, scale_mode=cfg.scale_mode, split=split,
-                             prefetch=cfg.prefetch, lookup=cfg.lookup)
+                             prefetch=cfg.prefetch, lookup=cfg.lookup,
+                             ptx=tiles.ptx_flag(cfg.unpack, layout,
+                                                dy2d.dtype, interpret))
   grid = (pl.cdiv(m, bm) * (layout.kw // bc) * split,)
   # split > 1: float32 partial sums per slice of N, summed below.
   out_shape, out_dtype = (m, layout.planes, layout.kw), dy2d.dtype

@@ -39,6 +39,10 @@ Codebook codes (NF4) become their levels by a gather from a 16-entry
 operand or by a select tree on constants (`TuningConfig(lookup=...)`, see
 tiles); the outputs are bitwise equal.
 
+Unpacking (`TuningConfig(unpack="ptx")`, 2/4-bit, "activations" scale
+mode): the planes' exact codes come from inline PTX working on four bytes
+per register (tiles.py) instead of one code per 32-bit lane.
+
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
 plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
@@ -73,7 +77,7 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
-                fma: bool, prefetch: int, lookup: str):
+                fma: bool, prefetch: int, lookup: str, ptx: bool | None):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
   o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
@@ -102,11 +106,14 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
     return tiles.load_bytes(q_ref, n_slice, n_mask, j0, bc, layout)
 
   def compute_step(byte_tiles, inputs_of_plane, acc):
-    words = tiles.assemble_words(byte_tiles)
+    if ptx is None:
+      codes = tiles.assemble_words(byte_tiles)
+    else:  # unpack="ptx": every plane's `bias + q` tile at once
+      codes = tiles.biased_planes(byte_tiles[0], layout, dtype, ptx)
     for i in range(layout.planes):
       x, raw = inputs_of_plane(i)
       s, z = tiles.group_params(*raw)
-      c = tiles.plane_codes(words, i, layout.bits)
+      c = tiles.plane_codes(codes, i, layout.bits) if ptx is None else None
       if fma:  # bm == 1: acc (bn, bc) += deq(W_tile) * x (1, bc)
         w = tiles.centered_f32(c, z, cb_ref, layout, lookup) * s[:, None]
         acc += w * x.astype(jnp.float32)
@@ -116,7 +123,8 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
         acc += lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
       else:
-        w = tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
+        w = (tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
+             if ptx is None else tiles.unbias(codes[i], z, layout))
         part = lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
         acc += s[:, None] * part
@@ -167,7 +175,8 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
-      fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup)
+      fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup,
+      ptx=tiles.ptx_flag(cfg.unpack, layout, x2d.dtype, interpret))
   x3 = x2d.reshape(m, layout.planes, layout.kw)
   grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn) * split,)
   # split > 1: float32 partial sums per contraction slice, summed below.

@@ -32,6 +32,21 @@ over the code's bits, low bit first,
     v_j^(b+1) = where(bit b of c, v_(2j+1)^(b), v_(2j)^(b)),   c -> v_0^(bits)
 
 `2**bits - 1` selects on constants (15 for NF4), with no codebook operand.
+
+2- and 4-bit codes can also be unpacked four bytes at a time in PTX
+(`TuningConfig.unpack="ptx"`, the trick of FasterTransformer's and Marlin's
+int4 kernels): for a 32-bit register holding bytes b0..b3,
+
+    lo = prmt(r, 0, 0x5140) = [b0, 0, b1, 0]     hi = prmt(r, 0, 0x7362)
+    plane i of (b0, b1) = lop3((lo >> i*bits) & mask2 | pattern2)
+
+gives two 16-bit floats `bias + code` per instruction (`mask2`, `pattern2`:
+the code mask and the bf16 / f16 pattern above in both 16-bit halves): one
+plane's 4 codes cost 4 instructions (6 with the shift) instead of about 6
+per code on 32-bit lanes. One asm block per plane (each has one result:
+Pallas lowers multi-result inline asm wrongly in jax 0.10). `biased_planes`
+holds both forms; the Pallas interpreter, which cannot run PTX, takes the
+jnp one (same values).
 """
 
 from __future__ import annotations
@@ -238,12 +253,89 @@ def centered_exact(c: jax.Array, z: jax.Array | None, cb_ref, layout: Layout,
   magic = _MAGIC_16.get(dtype)
   if magic is None or layout.bits > magic[1]:
     return centered_f32(c, z, cb_ref, layout, lookup).astype(dtype)
-  pattern, _, value = magic
-  as_16 = lax.bitcast_convert_type((c | pattern).astype(jnp.int16), dtype)
+  return unbias(_biased_16(c, dtype), z, layout)
+
+
+def _biased_16(c: jax.Array, dtype) -> jax.Array:
+  """`bias + c` in a 16-bit float dtype, from the bit pattern (exact)."""
+  pattern = _MAGIC_16[jnp.dtype(dtype)][0]
+  return lax.bitcast_convert_type((c | pattern).astype(jnp.int16), dtype)
+
+
+def unbias(v: jax.Array, z: jax.Array | None, layout: Layout) -> jax.Array:
+  """`(bias + q) - (bias + z)` = `q - z`, exact, in v's 16-bit dtype.
+
+  v: `(bn, bc)` biased codes; z: `(bn,)` int32 zero points or None (the
+  implicit zero point).
+  """
+  value = _MAGIC_16[v.dtype][2]
   if z is None:
-    return as_16 - jnp.asarray(value + layout.implicit_zero, dtype)
-  z16 = lax.bitcast_convert_type((z | pattern).astype(jnp.int16), dtype)
-  return as_16 - z16[:, None]
+    return v - jnp.asarray(value + layout.implicit_zero, v.dtype)
+  return v - _biased_16(z, v.dtype)[:, None]
+
+
+def ptx_unpack_supported(layout: Layout, dtype) -> bool:
+  """Whether `biased_planes(..., ptx=True)` handles this weight / dtype."""
+  return (layout.codebook is None and layout.bits in (2, 4)
+          and jnp.dtype(dtype) in _MAGIC_16)
+
+
+def _unpack_ptx(bits: int, pattern: int, plane: int) -> tuple[str, str]:
+  """PTX (and its constraints) turning 4 packed bytes into plane `plane`'s
+  `bias + code`: four 16-bit floats in two registers."""
+  mask2 = ((1 << bits) - 1) * 0x10001
+  pattern2 = pattern * 0x10001
+  lines = ["{", ".reg .b32 lo, hi;",
+           "prmt.b32 lo, $2, 0, 0x5140;",
+           "prmt.b32 hi, $2, 0, 0x7362;"]
+  if plane:
+    lines += [f"shr.u32 lo, lo, {plane * bits};",
+              f"shr.u32 hi, hi, {plane * bits};"]
+  lines += [f"lop3.b32 $0, lo, {mask2:#010x}, {pattern2:#010x}, 0xEA;",
+            f"lop3.b32 $1, hi, {mask2:#010x}, {pattern2:#010x}, 0xEA;", "}"]
+  return "\n".join(lines), "=r,=r,r"
+
+
+def ptx_flag(unpack: str, layout: Layout, dtype, interpret: bool
+             ) -> bool | None:
+  """The kernels' `ptx` argument: None for `unpack="jnp"`; else whether to
+  run the PTX (False in the interpreter: the jnp form, same values).
+
+  Raises:
+    ValueError: `unpack="ptx"` for a weight or dtype it does not handle.
+  """
+  if unpack == "jnp":
+    return None
+  if not ptx_unpack_supported(layout, dtype):
+    raise ValueError(
+        f"unpack='ptx' takes uniform 2- or 4-bit codes and bf16 / f16 "
+        f"activations, got {layout.bits}-bit"
+        f"{' codebook' if layout.codebook else ''} codes and {dtype}")
+  return not interpret
+
+
+def biased_planes(byte_tile: jax.Array, layout: Layout, dtype,
+                  ptx: bool) -> list[jax.Array]:
+  """The P planes' `bias + code` tiles of one-byte words, in `dtype`.
+
+  byte_tile: `(bn, bc)` uint8 (2- or 4-bit codes, B = 1). Returns P
+  `(bn, bc)` tiles of a 16-bit float dtype; `unbias` centres them. `ptx`:
+  the packed PTX of the module docstring (GPU only), else jnp on int32
+  lanes, with the same values.
+  """
+  if ptx:
+    pattern = _MAGIC_16[jnp.dtype(dtype)][0]
+    out = jax.ShapeDtypeStruct(byte_tile.shape, dtype)
+    planes = []
+    for i in range(layout.planes):
+      asm, constraints = _unpack_ptx(layout.bits, pattern, i)
+      planes += plt.elementwise_inline_asm(
+          asm, args=[byte_tile], constraints=constraints, pack=4,
+          result_shape_dtypes=[out])
+    return planes
+  words = byte_tile.astype(jnp.int32)
+  return [_biased_16(plane_codes(words, i, layout.bits), dtype)
+          for i in range(layout.planes)]
 
 
 def prefetched_loop(start, stop, depth: int, load_step, compute_step, init):

@@ -25,6 +25,7 @@ SCALE_MODES = ("weights", "activations")
 MAX_PREFETCH = 4
 CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
+UNPACKS = ("jnp", "ptx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,15 @@ class TuningConfig:
         memory access and no codebook operand. Which one wins depends on
         whether the kernel is short of load or ALU issue slots, so the
         probe (experiments/bench_kernels.py) times both.
+    unpack: how 2- and 4-bit codes become 16-bit floats (`scale_mode=
+      "activations"`, where the weight tile holds exact `q - z`).
+      "jnp": each code on its own 32-bit lane (shift, mask, or, narrow,
+        subtract: about 6 instructions per code).
+      "ptx": four bytes per register, byte-permute + lop3 in inline PTX,
+        two codes per instruction (tiles.py), then the subtraction; the
+        Pallas interpreter runs the jnp form instead. Hypothesis under
+        test (WORKSPACE.md section 4): decode is bound by instruction
+        issue, not bytes, so fewer instructions per code shorten it.
   """
   block_m: int = 16
   block_n: int = 32
@@ -94,6 +104,7 @@ class TuningConfig:
   contraction: str = "mma"
   prefetch: int = 0
   lookup: str = "gather"
+  unpack: str = "jnp"
 
   def __post_init__(self):
     if self.contraction not in CONTRACTIONS:
@@ -131,6 +142,15 @@ class TuningConfig:
     if self.lookup not in LOOKUPS:
       raise ValueError(f"lookup must be one of {LOOKUPS}, got "
                        f"{self.lookup!r}")
+    if self.unpack not in UNPACKS:
+      raise ValueError(f"unpack must be one of {UNPACKS}, got "
+                       f"{self.unpack!r}")
+    if self.unpack == "ptx" and (self.scale_mode != "activations"
+                                 or self.contraction != "mma"):
+      raise ValueError("unpack='ptx' makes exact codes for the matrix "
+                       "unit: it needs scale_mode='activations' and "
+                       f"contraction='mma', got {self.scale_mode!r} and "
+                       f"{self.contraction!r}")
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

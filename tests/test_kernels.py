@@ -195,6 +195,27 @@ class _KernelCases:
       ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
       assert _rel(got[1], ref) < TOL, cfg
 
+  @pytest.mark.parametrize("case,dtype", [
+      ((4, 32, False, None, 3, 40, 256), jnp.bfloat16),
+      ((2, 64, True, None, 1, 24, 256), jnp.float16),
+  ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else jnp.dtype(v).name)
+  def test_ptx_unpack_matches_jnp(self, case, dtype):
+    """`unpack="ptx"` (run as PTX on the GPU; its jnp form in the
+    interpreter) makes the same exact codes as the int32-lane path, so fwd
+    and dx outputs are bitwise equal, split contraction included."""
+    w, x, dy = _inputs(case, seed=np.random.randint(1 << 30), dtype=dtype)
+    base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
+                               scale_mode="activations", split_k=2)
+    for f, a in ((kq.fwd, x), (kq.dx, dy)):
+      out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
+      got = [np.asarray(f(a, w, interpret=self.INTERPRET,
+                          tuning=dataclasses.replace(base, unpack=unpack),
+                          out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
+                        np.float32) for unpack in tuning.UNPACKS]
+      np.testing.assert_array_equal(got[0], got[1], err_msg=f.__name__)
+      ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
+      assert _rel(got[1], ref) < TOL
+
   def test_split_contraction_matches_unsplit(self):
     """Splitting K (fwd) / N (dx) over programs changes only the grid."""
     w, x, dy = _inputs((4, 32, False, None, 3, 48, 128),
@@ -412,3 +433,84 @@ def test_decode_table_is_run_two_sweep_winner():
   word_tiles = (4096 // 8) // dx.block_k
   assert dx.split_k == min(tuning.MAX_SPLIT,
                            -(-tuning.DECODE_TARGET_PROGRAMS // word_tiles))
+
+
+def _emulate_ptx(asm: str, regs: dict) -> dict:
+  """Runs the three PTX instructions `tiles._unpack_ptx` emits (prmt, shr,
+  lop3) on uint32 numpy registers; `regs` maps "$n" / names to arrays."""
+  def val(tok):
+    tok = tok.strip()
+    return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+
+  for line in asm.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    op, args = line.split(None, 1)
+    d, *src = [a.strip() for a in args.split(",")]
+    if op == "prmt.b32":  # byte i of d = byte (selector nibble i) of {b, a}
+      a, b, sel = val(src[0]), val(src[1]), int(src[2], 0)
+      pool = [(a >> (8 * j)) & 0xFF for j in range(4)] + [
+          (b >> (8 * j)) & 0xFF for j in range(4)]
+      regs[d] = sum(pool[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+    elif op == "shr.u32":
+      regs[d] = val(src[0]) >> int(src[1])
+    elif op == "lop3.b32":
+      assert int(src[3], 0) == 0xEA, "emulated only for (a & b) | c"
+      regs[d] = (val(src[0]) & val(src[1])) | val(src[2])
+    else:
+      raise AssertionError(f"unexpected instruction {op}")
+    regs[d] = np.asarray(regs[d], np.uint32)
+  return regs
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_ptx_unpack_text_computes_the_biased_planes(bits, dtype):
+  """Each plane's PTX, run by an emulator of its three opcodes on random
+  bytes, gives exactly the jnp form's `bias + code`, with Triton's packing
+  (4 bytes in one register, element 0 lowest; four 16-bit results in two
+  registers, elements 0-1 then 2-3)."""
+  layout = tiles.layout_of(_q(bits=bits, group=64, n=4, k=128))
+  byte_rows = np.random.randint(0, 256, (64, 4), dtype=np.uint8)
+  pattern = {jnp.dtype(jnp.bfloat16): 0x4300, jnp.dtype(jnp.float16): 0x6400}[
+      jnp.dtype(dtype)]
+  packed = byte_rows.view("<u4")[:, 0]
+  want = tiles.biased_planes(jnp.asarray(byte_rows), layout, dtype, ptx=False)
+  for i in range(8 // bits):
+    asm, constraints = tiles._unpack_ptx(bits, pattern, i)  # pylint: disable=protected-access
+    assert constraints == "=r,=r,r"
+    regs = _emulate_ptx(asm, {"$2": packed})
+    halves = np.stack([regs["$0"], regs["$1"]], axis=1)
+    got = halves.view("<u2").view(np.dtype(jnp.dtype(dtype)))  # (64, 4)
+    np.testing.assert_array_equal(
+        got.astype(np.float32), np.asarray(want[i], np.float32),
+        err_msg=f"plane {i}")
+
+
+def test_unpack_is_checked():
+  with pytest.raises(ValueError, match="unpack must be one of"):
+    tuning.TuningConfig(unpack="asm")
+  with pytest.raises(ValueError, match="scale_mode='activations'"):
+    tuning.TuningConfig(unpack="ptx", scale_mode="weights")
+  ptx = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
+                            scale_mode="activations", unpack="ptx")
+  for w in (_q(bits=3, group=32, k=256), _q(bits=8, group=32),
+            _q(bits=4, group=64, symmetric=True, codebook="nf4")):
+    x = jnp.ones((2, w.shape[1]), jnp.bfloat16)
+    with pytest.raises(ValueError, match="unpack='ptx' takes uniform 2- or"):
+      kq.fwd(x, w, interpret=True, tuning=ptx)
+
+
+def test_gpu_lowering_of_ptx_unpack():
+  """`unpack="ptx"` lowers for CUDA (fwd and dx), its PTX inlined."""
+  n, k = 256, 512
+  for bits in (2, 4):
+    w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=bits, group_size=64))
+    cfg = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
+                              scale_mode="activations", unpack="ptx")
+    for fn, a in [(functools.partial(kq.qmatmul_fwd.fwd, tuning=cfg), (1, k)),
+                  (functools.partial(kq.qmatmul_dx.dx, tuning=cfg), (1, n))]:
+      text = _cuda_text(fn, a, w)
+      _assert_no_float_weight(text, n, k)
+      assert "prmt.b32" in text and "lop3.b32" in text
