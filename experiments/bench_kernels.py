@@ -383,8 +383,9 @@ def sweep_candidates():
   Run 1's geometry sweep (156 configs) chose the table; this one checks the
   split factor and program width it did not cover at M = 16, the word tile
   of 2/3-bit decode, the vector contraction (`contraction="fma"`, one row
-  per program) at M = 1, `prefetch` at the table's geometries, and split
-  contraction at M = 256.
+  per program) at M = 1, `prefetch` at the table's geometries, split
+  contraction at M = 256, and the PTX unpacking (`unpack="ptx"`) of 2/4-bit
+  decode around the table's geometry, timed first.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   cands = []
@@ -439,8 +440,21 @@ def sweep_candidates():
             block_m=1, block_n=bn, block_k=128, num_warps=warps,
             num_stages=3, scale_mode="weights", split_k=8,
             contraction="fma")))
-  # Prefetch first: the sweep times in order until its deadline.
-  return sorted(cands, key=lambda c: not c[5].prefetch)
+    # PTX unpacking (two codes per instruction) at and around the table's
+    # decode geometry: block_n and split, 2- and 4-bit, fwd and dx.
+    for op in ("fwd", "dx"):
+      for m in (1, 16):
+        for bits in (2, 4):
+          base = dataclasses.replace(tuning.choose(op, m, n, k, bits),
+                                     unpack="ptx")
+          cands.append((op, m, n, k, bits, base))
+          if op == "fwd":
+            for bn, split in ((32, 4), (64, 8), (128, 4), (128, 8)):
+              cands.append((op, m, n, k, bits, dataclasses.replace(
+                  base, block_n=bn, split_k=split)))
+  # PTX unpacking first (the lead of session 6): the sweep times in order
+  # until its deadline.
+  return sorted(cands, key=lambda c: c[5].unpack != "ptx")
 
 
 def run_sweep(timer, deadline, workers):

@@ -107,9 +107,7 @@ class TuningConfig:
   unpack: str = "jnp"
 
   def __post_init__(self):
-    if self.contraction not in CONTRACTIONS:
-      raise ValueError(f"contraction must be one of {CONTRACTIONS}, got "
-                       f"{self.contraction!r}")
+    _check_one_of("contraction", self.contraction, CONTRACTIONS)
     if self.contraction == "fma" and self.block_m != 1:
       raise ValueError(f"contraction='fma' takes one row per program "
                        f"(block_m=1), got block_m={self.block_m}")
@@ -128,9 +126,7 @@ class TuningConfig:
                        f"{self.num_warps}")
     if self.num_stages < 1:
       raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-    if self.scale_mode not in SCALE_MODES:
-      raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got "
-                       f"{self.scale_mode!r}")
+    _check_one_of("scale_mode", self.scale_mode, SCALE_MODES)
     if self.group_m < 1:
       raise ValueError(f"group_m must be >= 1, got {self.group_m}")
     if self.split_k < 1:
@@ -139,18 +135,19 @@ class TuningConfig:
         or not 0 <= self.prefetch <= MAX_PREFETCH):
       raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} steps ahead, got "
                        f"{self.prefetch}")
-    if self.lookup not in LOOKUPS:
-      raise ValueError(f"lookup must be one of {LOOKUPS}, got "
-                       f"{self.lookup!r}")
-    if self.unpack not in UNPACKS:
-      raise ValueError(f"unpack must be one of {UNPACKS}, got "
-                       f"{self.unpack!r}")
+    _check_one_of("lookup", self.lookup, LOOKUPS)
+    _check_one_of("unpack", self.unpack, UNPACKS)
     if self.unpack == "ptx" and (self.scale_mode != "activations"
                                  or self.contraction != "mma"):
       raise ValueError("unpack='ptx' makes exact codes for the matrix "
                        "unit: it needs scale_mode='activations' and "
                        f"contraction='mma', got {self.scale_mode!r} and "
                        f"{self.contraction!r}")
+
+
+def _check_one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:
