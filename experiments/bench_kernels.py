@@ -514,7 +514,7 @@ def run_probe(timer, deadline, workers):
   table's kernel, the table's kernel with `prefetch` 1 and 2 and with
   `unpack="ptx"` (fwd and dx),
   and vector-contraction ("fma") configs, two of them also with prefetch
-  (fwd).
+  (fwd); and 2-bit fwd, the table's kernel with and without `unpack="ptx"`.
 
   NF4 training: M = TRAIN_M with QLoRA's weight (NF4_DQ) at the same two
   shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul, and the table's
@@ -544,6 +544,11 @@ def run_probe(timer, deadline, workers):
       jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,
                                     which=("ours", "check"))
                if j.key[1] in ops]
+    for cfg in (None, dataclasses.replace(tuning.choose("fwd", 1, n, k, 2),
+                                          unpack="ptx")):
+      jobs += [j for j in make_jobs(1, n, k, 2, tuning=cfg,
+                                    which=("ours", "check"))
+               if j.key[1] == "fwd"]
   for n, k in shapes:
     jobs += make_bf16_jobs(train_m, n, k)
     jobs += make_jobs(train_m, n, k, NF4_DQ, which=("deq",))

@@ -25,7 +25,10 @@ def _run(tmp_path, *flags):
 def test_probe_times_every_config_and_checks_it(tmp_path):
   got = _run(tmp_path, "--probe")
   rows = got["probe"]
-  decode = [(r["impl"], r["op"]) for r in rows if r["M"] == 1]
+  decode = [(r["impl"], r["op"]) for r in rows if r["M"] == 1
+            and r["bits"] in (4, None)]
+  two_bit = [(r["impl"], r["op"]) for r in rows if r["bits"] == 2]
+  assert sorted(two_bit) == [("mma+ptx", "fwd"), ("table", "fwd")]
   train = [(r["impl"], r["op"]) for r in rows if r["M"] > 1]
   for op in ("fwd", "dx"):  # XLA bf16 and the table, with and without prefetch
     for impl in ("bf16", "table", "mma+prefetch1", "mma+prefetch2",
