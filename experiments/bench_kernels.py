@@ -385,7 +385,8 @@ def sweep_candidates():
   of 2/3-bit decode, the vector contraction (`contraction="fma"`, one row
   per program) at M = 1, `prefetch` at the table's geometries, split
   contraction at M = 256, and the PTX unpacking (`unpack="ptx"`) of 2/4-bit
-  decode around the table's geometry, timed first.
+  decode around the table's geometry, also with the in-kernel reduction of
+  the split (`split_reduce="kernel"`), timed first.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   cands = []
@@ -448,6 +449,8 @@ def sweep_candidates():
           base = dataclasses.replace(tuning.choose(op, m, n, k, bits),
                                      unpack="ptx")
           cands.append((op, m, n, k, bits, base))
+          cands.append((op, m, n, k, bits, dataclasses.replace(
+              base, split_reduce="kernel")))
           if op == "fwd":
             for bn, split in ((32, 4), (64, 8), (128, 4), (128, 8)):
               cands.append((op, m, n, k, bits, dataclasses.replace(
@@ -503,7 +506,8 @@ def _probe_label(kind: str, cfg, bits) -> str:
   if cfg is None:
     return "table"
   return (cfg.contraction + (f"+prefetch{cfg.prefetch}" if cfg.prefetch
-                             else "") + ("+ptx" if cfg.unpack == "ptx" else ""))
+                             else "") + ("+ptx" if cfg.unpack == "ptx" else "")
+          + ("+kreduce" if cfg.split_reduce == "kernel" else ""))
 
 
 def run_probe(timer, deadline, workers):
@@ -511,8 +515,8 @@ def run_probe(timer, deadline, workers):
   error check; a minute or two before a sweep.
 
   Decode: M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
-  table's kernel, the table's kernel with `prefetch` 1 and 2 and with
-  `unpack="ptx"` (fwd and dx),
+  table's kernel, the table's kernel with `prefetch` 1 and 2, with
+  `unpack="ptx"`, with `split_reduce="kernel"` and with both (fwd and dx),
   and vector-contraction ("fma") configs, two of them also with prefetch
   (fwd); and 2-bit fwd, the table's kernel with and without `unpack="ptx"`.
 
@@ -537,8 +541,11 @@ def run_probe(timer, deadline, workers):
                                         prefetch=depth), (op,))
                    for op in ("fwd", "dx") for depth in (1, 2)]
     table_ahead += [(dataclasses.replace(tuning.choose(op, 1, n, k, 4),
-                                         unpack="ptx"), (op,))
-                    for op in ("fwd", "dx")]
+                                         unpack=unpack, split_reduce=reduce),
+                     (op,))
+                    for op in ("fwd", "dx")
+                    for unpack, reduce in (("ptx", "xla"), ("jnp", "kernel"),
+                                           ("ptx", "kernel"))]
     for cfg, ops in ([(None, ("fwd", "dx"))] + table_ahead
                      + [(c, ("fwd",)) for c in fma]):
       jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,

@@ -11,7 +11,8 @@ the group scale multiplies the `(bm, bn)` dy tile instead of the `(bn, bc)`
 weight tile: `(dy * s^T) @ (q - z)`, the weight tile holding exact integers.
 Rows of dy past M and weight rows past N are masked (read as 0). With
 `split_k = S > 1` (decode), S programs share each output tile, each walking
-one slice of N, and XLA sums their float32 partials `(S, M, K)`. With
+one slice of N, and XLA sums their float32 partials `(S, M, K)` (or, with
+`split_reduce="kernel"`, the last program of each tile does). With
 `prefetch = D` the loop carries the next D steps' loads, `lookup` picks
 how codebook levels are formed and `unpack` how 2/4-bit codes are unpacked
 (see qmatmul_fwd and tiles).
@@ -34,10 +35,11 @@ from qft_jax._src import qarray as qa
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                bc: int, scale_mode: str, split: int, prefetch: int,
-               lookup: str, ptx: bool | None):
+               lookup: str, ptx: bool | None, reduce_in_kernel: bool,
+               interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
-  o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
+  o_ref = rest[-1]  # the outputs follow any aliased inputs in `rest`
   num_k = layout.kw // bc
   pid = pl.program_id(0) // split
   pid_m, pid_k = pid // num_k, pid % num_k
@@ -103,10 +105,13 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
         start, stop, lambda t, accs: compute_step(
             *step_tiles(t), lambda i: plane_params(t, i), accs), zeros)
   mask = jnp.broadcast_to(m_mask[:, None], (bm, bc))
-  for i, acc in enumerate(accs):
-    idx = (m_slice, tiles.static_index(i), pl.ds(j0, bc))
-    if split > 1:
-      idx = (part, *idx)
+  pieces = [((m_slice, tiles.static_index(i), pl.ds(j0, bc)), acc, mask)
+            for i, acc in enumerate(accs)]
+  if split > 1 and reduce_in_kernel:
+    tiles.store_split_result(*rest[-3:], pid, part, split, pieces, interpret)
+    return
+  for idx, acc, _ in pieces:
+    idx = (part, *idx) if split > 1 else idx
     plt.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
 
 
@@ -128,33 +133,29 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
   bm, bn = cfg.block_m, cfg.block_n
   split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))
+  in_kernel = cfg.split_reduce == "kernel"
   kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
                              bc=bc, scale_mode=cfg.scale_mode, split=split,
                              prefetch=cfg.prefetch, lookup=cfg.lookup,
                              ptx=tiles.ptx_flag(cfg.unpack, layout,
-                                                dy2d.dtype, interpret))
-  grid = (pl.cdiv(m, bm) * (layout.kw // bc) * split,)
-  # split > 1: float32 partial sums per slice of N, summed below.
-  out_shape, out_dtype = (m, layout.planes, layout.kw), dy2d.dtype
-  if split > 1:
-    out_shape, out_dtype = (split, *out_shape), jnp.float32
+                                                dy2d.dtype, interpret),
+                             reduce_in_kernel=in_kernel, interpret=interpret)
+  num_tiles = pl.cdiv(m, bm) * (layout.kw // bc)
+  grid = (num_tiles * split,)
   operands = [dy2d, *tiles.weight_operands(w, layout, cfg.lookup)]
-  aliases = {}
-  if out_init is not None:
-    aliases = {len(operands): 0}
-    operands.append(jnp.broadcast_to(
-        out_init.reshape(m, layout.planes, layout.kw).astype(out_dtype),
-        out_shape))
+  # split > 1: float32 partial sums per slice of N, summed by XLA or by the
+  # last program of each tile (`split_reduce`).
+  out_shape, extra, aliases = tiles.launch_outputs(
+      (m, layout.planes, layout.kw), dy2d.dtype, split, in_kernel, num_tiles,
+      out_init, len(operands))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      out_shape=out_shape,
       grid=grid,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages),
       input_output_aliases=aliases,
       interpret=interpret,
       name=f"qmatmul_dx_{layout.bits}b",
-  )(*operands)
-  if split > 1:
-    out = out.sum(axis=0).astype(dy2d.dtype)
-  return out.reshape(m, layout.k)
+  )(*operands, *extra)
+  return tiles.finish(out, split, in_kernel, dy2d.dtype).reshape(m, layout.k)

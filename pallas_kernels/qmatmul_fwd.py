@@ -47,7 +47,8 @@ Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
 plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
 the programs for the 4*S*M*N partial bytes, small next to the weight when M is
-small.
+small. With `split_reduce="kernel"` the last of a tile's S programs to finish
+sums the partials instead (tiles.store_split_result), saving that launch.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
-                fma: bool, prefetch: int, lookup: str, ptx: bool | None):
+                fma: bool, prefetch: int, lookup: str, ptx: bool | None,
+                reduce_in_kernel: bool, interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
-  o_ref = rest[-1]  # rest[0] is the aliased `out_init` buffer when given
+  o_ref = rest[-1]  # the outputs follow any aliased inputs in `rest`
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(layout.n, bn)
   pid = pl.program_id(0)
   pid_m, pid_n = _program_tile(pid // split, num_m, num_n, group_m)
@@ -152,6 +154,11 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   if split == 1:
     plt.store(o_ref.at[m_slice, n_slice], acc.T.astype(o_ref.dtype),
               mask=mask)
+  elif reduce_in_kernel:
+    partial_ref, result_ref, count_ref = rest[-3:]
+    tiles.store_split_result(partial_ref, result_ref, count_ref, pid // split,
+                             pid % split, split,
+                             [((m_slice, n_slice), acc.T, mask)], interpret)
   else:
     plt.store(o_ref.at[pid % split, m_slice, n_slice], acc.T, mask=mask)
 
@@ -172,33 +179,30 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
   split = tuning_lib.effective_split(cfg.split_k, layout.kw // bc)
   bm, bn = cfg.block_m, cfg.block_n
+  in_kernel = cfg.split_reduce == "kernel"
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
       fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup,
-      ptx=tiles.ptx_flag(cfg.unpack, layout, x2d.dtype, interpret))
+      ptx=tiles.ptx_flag(cfg.unpack, layout, x2d.dtype, interpret),
+      reduce_in_kernel=in_kernel, interpret=interpret)
   x3 = x2d.reshape(m, layout.planes, layout.kw)
-  grid = (pl.cdiv(m, bm) * pl.cdiv(layout.n, bn) * split,)
-  # split > 1: float32 partial sums per contraction slice, summed below.
-  out_shape, out_dtype = (m, layout.n), x2d.dtype
-  if split > 1:
-    out_shape, out_dtype = (split, m, layout.n), jnp.float32
+  num_tiles = pl.cdiv(m, bm) * pl.cdiv(layout.n, bn)
+  grid = (num_tiles * split,)
   operands = [x3, *tiles.weight_operands(w, layout, cfg.lookup)]
-  aliases = {}
-  if out_init is not None:
-    aliases = {len(operands): 0}
-    operands.append(jnp.broadcast_to(
-        out_init.reshape(m, layout.n).astype(out_dtype), out_shape))
+  # split > 1: float32 partial sums per contraction slice, summed by XLA
+  # or by the last program of each tile (`split_reduce`).
+  out_shape, extra, aliases = tiles.launch_outputs(
+      (m, layout.n), x2d.dtype, split, in_kernel, num_tiles, out_init,
+      len(operands))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      out_shape=out_shape,
       grid=grid,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages),
       input_output_aliases=aliases,
       interpret=interpret,
       name=f"qmatmul_fwd_{layout.bits}b",
-  )(*operands)
-  if split > 1:
-    out = out.sum(axis=0).astype(x2d.dtype)
-  return out
+  )(*operands, *extra)
+  return tiles.finish(out, split, in_kernel, x2d.dtype)

@@ -355,6 +355,82 @@ def prefetched_loop(start, stop, depth: int, load_step, compute_step, init):
   return lax.fori_loop(start, stop, body, (init, queue))[0]
 
 
+def launch_outputs(final_shape: tuple[int, ...], dtype, split: int,
+                   reduce_in_kernel: bool, num_tiles: int,
+                   out_init: jax.Array | None, num_operands: int):
+  """Outputs of a qmatmul launch and the operands / aliases they need.
+
+  split == 1: the result `final_shape` in `dtype`. split > 1: the float32
+  partial sums `(split, *final_shape)`, which XLA then sums (`finish`), or,
+  with `reduce_in_kernel`, also the result and one int32 arrival counter per
+  output tile, an aliased zero operand (`store_split_result`). `out_init`
+  (tests: NaNs) fills the buffer the result is read from.
+
+  Returns:
+    (out_shape list, extra operands, input_output_aliases).
+  """
+  result = jax.ShapeDtypeStruct(final_shape, dtype)
+  if split == 1:
+    outs, init_index = [result], 0
+  else:
+    partial = jax.ShapeDtypeStruct((split, *final_shape), jnp.float32)
+    outs, init_index = [partial], 0
+    if reduce_in_kernel:
+      outs += [result, jax.ShapeDtypeStruct((num_tiles,), jnp.int32)]
+      init_index = 1
+  extra, aliases = [], {}
+  if out_init is not None:
+    init = outs[init_index]
+    aliases[num_operands] = init_index
+    extra.append(jnp.broadcast_to(
+        out_init.reshape(final_shape).astype(init.dtype), init.shape))
+  if len(outs) == 3:
+    aliases[num_operands + len(extra)] = 2
+    extra.append(jnp.zeros((num_tiles,), jnp.int32))
+  return outs, extra, aliases
+
+
+def finish(outs, split: int, reduce_in_kernel: bool, dtype) -> jax.Array:
+  """The result from `launch_outputs`' buffers after the launch."""
+  if split == 1:
+    return outs[0]
+  if reduce_in_kernel:
+    return outs[1]
+  return outs[0].sum(axis=0).astype(dtype)
+
+
+def store_split_result(partial_ref, result_ref, count_ref, tile, part,
+                       split: int, pieces, interpret: bool) -> None:
+  """Split contraction reduced in the kernel ("last arrival sums").
+
+  Each of the `split` programs of output tile `tile` stores its float32
+  partials, `partial_ref[part, *idx] = acc` for `(idx, acc, mask)` in
+  `pieces`, then atomically counts itself in `count_ref[tile]`
+  (acquire-release, after a barrier so every thread's stores precede the
+  release). The program that arrives last, seeing `split - 1`, sums the
+  partials in the fixed order 0..split-1 and stores the result: the same
+  sum whichever program arrives last, and no second kernel launch. The
+  interpreter runs programs one after another and has no barrier.
+  """
+  for idx, acc, mask in pieces:
+    plt.store(partial_ref.at[(part, *idx)], acc, mask=mask)
+  if not interpret:
+    plt.debug_barrier()
+  arrived = plt.atomic_add(count_ref, tile, jnp.ones((), jnp.int32))
+
+  @pl.when(arrived == split - 1)
+  def _():
+    for idx, _, mask in pieces:
+      # volatile: read through to L2, where the other programs' stores are.
+      parts = [plt.load(partial_ref.at[(static_index(p), *idx)], mask=mask,
+                        other=0, volatile=True) for p in range(split)]
+      total = parts[0]
+      for later in parts[1:]:
+        total += later
+      plt.store(result_ref.at[idx], total.astype(result_ref.dtype),
+                mask=mask)
+
+
 def split_range(part, parts: int, trips: int):
   """Loop bounds `[part*trips//parts, (part+1)*trips//parts)` of one split."""
   if parts == 1:

@@ -26,6 +26,7 @@ MAX_PREFETCH = 4
 CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
 UNPACKS = ("jnp", "ptx")
+SPLIT_REDUCES = ("xla", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,10 @@ class TuningConfig:
         Pallas interpreter runs the jnp form instead. Hypothesis under
         test (WORKSPACE.md section 4): decode is bound by instruction
         issue, not bytes, so fewer instructions per code shorten it.
+    split_reduce: who sums a split contraction's float32 partials
+      (`split_k > 1`). "xla": a second kernel after the launch. "kernel":
+      the last of each output tile's programs to finish (an atomic arrival
+      counter per tile, tiles.store_split_result), saving that launch.
   """
   block_m: int = 16
   block_n: int = 32
@@ -105,6 +110,7 @@ class TuningConfig:
   prefetch: int = 0
   lookup: str = "gather"
   unpack: str = "jnp"
+  split_reduce: str = "xla"
 
   def __post_init__(self):
     _check_one_of("contraction", self.contraction, CONTRACTIONS)
@@ -137,6 +143,7 @@ class TuningConfig:
                        f"{self.prefetch}")
     _check_one_of("lookup", self.lookup, LOOKUPS)
     _check_one_of("unpack", self.unpack, UNPACKS)
+    _check_one_of("split_reduce", self.split_reduce, SPLIT_REDUCES)
     if self.unpack == "ptx" and (self.scale_mode != "activations"
                                  or self.contraction != "mma"):
       raise ValueError("unpack='ptx' makes exact codes for the matrix "

@@ -32,7 +32,7 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
   train = [(r["impl"], r["op"]) for r in rows if r["M"] > 1]
   for op in ("fwd", "dx"):  # XLA bf16 and the table, with and without prefetch
     for impl in ("bf16", "table", "mma+prefetch1", "mma+prefetch2",
-                 "mma+ptx"):
+                 "mma+ptx", "mma+kreduce", "mma+ptx+kreduce"):
       assert decode.count((impl, op)) == 1, (impl, op, decode)
     # NF4 training: XLA bf16 and dequantize-then-matmul, both lookups
     for impl in ("bf16", "nf4+xla_dequant", "nf4+gather", "nf4+select"):

@@ -216,6 +216,26 @@ class _KernelCases:
       ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
       assert _rel(got[1], ref) < TOL
 
+  @pytest.mark.parametrize("scale_mode", tuning.SCALE_MODES)
+  def test_split_reduced_in_kernel_matches_xla(self, scale_mode):
+    """`split_reduce="kernel"`: each tile's last program sums the partials
+    in the fixed order XLA's sum uses, into the NaN-poisoned result, so the
+    outputs equal the XLA-reduced ones (fwd, dx; 3 splits, ragged M, N)."""
+    w, x, dy = _inputs((4, 32, False, None, 17, 40, 256),
+                       seed=np.random.randint(1 << 30))
+    base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
+                               scale_mode=scale_mode, split_k=3)
+    for f, a in ((kq.fwd, x), (kq.dx, dy)):
+      out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
+      got = [np.asarray(f(a, w, interpret=self.INTERPRET,
+                          tuning=dataclasses.replace(base, split_reduce=r),
+                          out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
+                        np.float32) for r in tuning.SPLIT_REDUCES]
+      np.testing.assert_allclose(got[1], got[0], rtol=1e-2, atol=1e-2,
+                                 err_msg=f.__name__)
+      ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
+      assert _rel(got[1], ref) < TOL
+
   def test_split_contraction_matches_unsplit(self):
     """Splitting K (fwd) / N (dx) over programs changes only the grid."""
     w, x, dy = _inputs((4, 32, False, None, 3, 48, 128),
@@ -491,6 +511,8 @@ def test_ptx_unpack_text_computes_the_biased_planes(bits, dtype):
 def test_unpack_is_checked():
   with pytest.raises(ValueError, match="unpack must be one of"):
     tuning.TuningConfig(unpack="asm")
+  with pytest.raises(ValueError, match="split_reduce must be one of"):
+    tuning.TuningConfig(split_reduce="atomic")
   with pytest.raises(ValueError, match="scale_mode='activations'"):
     tuning.TuningConfig(unpack="ptx", scale_mode="weights")
   ptx = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
@@ -514,3 +536,17 @@ def test_gpu_lowering_of_ptx_unpack():
       text = _cuda_text(fn, a, w)
       _assert_no_float_weight(text, n, k)
       assert "prmt.b32" in text and "lop3.b32" in text
+
+
+def test_gpu_lowering_of_split_reduced_in_kernel():
+  """`split_reduce="kernel"` lowers for CUDA (fwd, dx) with its atomic
+  arrival counter, and the program holds no second (reduction) kernel."""
+  n, k = 256, 512
+  w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=4, group_size=64))
+  cfg = tuning.TuningConfig(block_m=16, block_n=64, split_k=4,
+                            split_reduce="kernel")
+  for fn, a in [(functools.partial(kq.qmatmul_fwd.fwd, tuning=cfg), (1, k)),
+                (functools.partial(kq.qmatmul_dx.dx, tuning=cfg), (1, n))]:
+    text = _cuda_text(fn, a, w)
+    _assert_no_float_weight(text, n, k)
+    assert "atomic_rmw" in text and "reduce(" not in text, text[-2000:]
