@@ -82,6 +82,15 @@ class _KernelCases:
     if not self.INTERPRET and jax.default_backend() != "gpu":
       pytest.skip("needs a GPU (the interpreter twin covers CPU)")
 
+  def _outputs(self, f, a, w, configs):
+    """`f(a, w)` (kq.fwd or kq.dx) under each config, output NaN-poisoned
+    first, as float32 arrays; and the float32 reference."""
+    out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
+    got = [np.asarray(f(a, w, interpret=self.INTERPRET, tuning=cfg,
+                        out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
+                      np.float32) for cfg in configs]
+    return got, (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
+
   @pytest.mark.parametrize("index", range(len(CASES)),
                            ids=[_case_id(c) for c in CASES])
   def test_fwd_and_dx_match_reference(self, index):
@@ -186,13 +195,9 @@ class _KernelCases:
                                         split_k=1)),
     ]
     for f, a, cfg in runs:
-      out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
-      got = [np.asarray(f(a, w, interpret=self.INTERPRET,
-                          tuning=dataclasses.replace(cfg, lookup=lookup),
-                          out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
-                        np.float32) for lookup in tuning.LOOKUPS]
+      got, ref = self._outputs(f, a, w, [dataclasses.replace(cfg, lookup=v)
+                                         for v in tuning.LOOKUPS])
       np.testing.assert_array_equal(got[0], got[1], err_msg=str(cfg))
-      ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
       assert _rel(got[1], ref) < TOL, cfg
 
   @pytest.mark.parametrize("case,dtype", [
@@ -207,33 +212,27 @@ class _KernelCases:
     base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
                                scale_mode="activations", split_k=2)
     for f, a in ((kq.fwd, x), (kq.dx, dy)):
-      out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
-      got = [np.asarray(f(a, w, interpret=self.INTERPRET,
-                          tuning=dataclasses.replace(base, unpack=unpack),
-                          out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
-                        np.float32) for unpack in tuning.UNPACKS]
+      got, ref = self._outputs(f, a, w, [dataclasses.replace(base, unpack=v)
+                                         for v in tuning.UNPACKS])
       np.testing.assert_array_equal(got[0], got[1], err_msg=f.__name__)
-      ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
       assert _rel(got[1], ref) < TOL
 
   @pytest.mark.parametrize("scale_mode", tuning.SCALE_MODES)
   def test_split_reduced_in_kernel_matches_xla(self, scale_mode):
     """`split_reduce="kernel"`: each tile's last program sums the partials
-    in the fixed order XLA's sum uses, into the NaN-poisoned result, so the
-    outputs equal the XLA-reduced ones (fwd, dx; 3 splits, ragged M, N)."""
+    in the order 0..S-1 into the NaN-poisoned result: the XLA-reduced
+    output up to the summation order XLA picks (fwd, dx; 3 splits, ragged
+    M and N), and every tile written."""
     w, x, dy = _inputs((4, 32, False, None, 17, 40, 256),
                        seed=np.random.randint(1 << 30))
     base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
                                scale_mode=scale_mode, split_k=3)
     for f, a in ((kq.fwd, x), (kq.dx, dy)):
-      out_shape = (a.shape[0], w.shape[0] if f is kq.fwd else w.shape[1])
-      got = [np.asarray(f(a, w, interpret=self.INTERPRET,
-                          tuning=dataclasses.replace(base, split_reduce=r),
-                          out_init=jnp.full(out_shape, jnp.nan, a.dtype)),
-                        np.float32) for r in tuning.SPLIT_REDUCES]
+      got, ref = self._outputs(
+          f, a, w, [dataclasses.replace(base, split_reduce=v)
+                    for v in tuning.SPLIT_REDUCES])
       np.testing.assert_allclose(got[1], got[0], rtol=1e-2, atol=1e-2,
                                  err_msg=f.__name__)
-      ref = (kq.reference if f is kq.fwd else kq.reference_dx)(a, w)
       assert _rel(got[1], ref) < TOL
 
   def test_split_contraction_matches_unsplit(self):
