@@ -518,7 +518,8 @@ def run_probe(timer, deadline, workers):
   table's kernel, the table's kernel with `prefetch` 1 and 2, with
   `unpack="ptx"`, with `split_reduce="kernel"` and with both (fwd and dx),
   and vector-contraction ("fma") configs, two of them also with prefetch
-  (fwd); and 2-bit fwd, the table's kernel with and without `unpack="ptx"`.
+  (fwd); 2-bit fwd, the table's kernel with and without `unpack="ptx"`;
+  NF4 (NF4_DQ) fwd under both codebook lookups.
 
   NF4 training: M = TRAIN_M with QLoRA's weight (NF4_DQ) at the same two
   shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul, and the table's
@@ -554,6 +555,12 @@ def run_probe(timer, deadline, workers):
     for cfg in (None, dataclasses.replace(tuning.choose("fwd", 1, n, k, 2),
                                           unpack="ptx")):
       jobs += [j for j in make_jobs(1, n, k, 2, tuning=cfg,
+                                    which=("ours", "check"))
+               if j.key[1] == "fwd"]
+    for lookup in tuning.LOOKUPS:  # QLoRA decode (bitsandbytes' gemv case)
+      cfg = dataclasses.replace(tuning.choose("fwd", 1, n, k, 4),
+                                lookup=lookup)
+      jobs += [j for j in make_jobs(1, n, k, NF4_DQ, tuning=cfg,
                                     which=("ours", "check"))
                if j.key[1] == "fwd"]
   for n, k in shapes:
