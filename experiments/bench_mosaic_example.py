@@ -36,6 +36,9 @@ import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -76,7 +79,6 @@ def configs(n: int, m: int) -> list:
 
 
 def _inputs(n, k, m):
-  jax, jnp = bench_kernels._jax_setup()  # pylint: disable=protected-access
   ka, kb = jax.random.split(jax.random.PRNGKey(n + k))
   a = jax.random.randint(ka, (n, k), -128, 128, jnp.int8)
   b = jax.random.normal(kb, (k, m), jnp.bfloat16)
@@ -85,7 +87,6 @@ def _inputs(n, k, m):
 
 def run(timer, deadline: float) -> list[dict]:
   """All rows: per shape, XLA bf16, XLA convert-then-matmul, each config."""
-  jax, jnp = bench_kernels._jax_setup()  # pylint: disable=protected-access
   ex = _example()
   rows = []
   for n, k in bench_kernels.SHAPES:
@@ -140,7 +141,6 @@ def main(argv=None):
   ap.add_argument("--commit", default=os.environ.get("COMMIT", "uncommitted"))
   ap.add_argument("--budget_s", type=float, default=300)
   args = ap.parse_args(argv)
-  jax, _ = bench_kernels._jax_setup()  # pylint: disable=protected-access
   gpu = jax.devices()[0].device_kind
   if jax.devices()[0].platform != "gpu":
     raise SystemExit(f"needs a Hopper GPU (Mosaic GPU), found {gpu}")

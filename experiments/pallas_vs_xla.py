@@ -167,9 +167,10 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
   ("<pallas>_noise"). The last pair repeats the first from another start:
   if Pallas sits on the same side of XLA in both pairs
   (`mean_signed_rel_diff`, `noise_pair_mean_signed_rel_diff`), the offset
-  is the kernels' rounding, not chance. The verdict uses the first three. `tiny`: bench_models' tiny shape in
-  bf16, batch 2 x 32 tokens (overriding `batch` and `seq_len`), the kernels
-  in the Pallas interpreter.
+  is the kernels' rounding, not chance. The verdict uses the first three.
+
+  `tiny`: bench_models' tiny shape in bf16, batch 2 x 32 tokens (overriding
+  `batch` and `seq_len`), the kernels in the Pallas interpreter.
   """
   config = bench_models.model_config("7b", tiny)
   if tiny:  # bf16 like the GPU run: the kernels take bf16/f16 activations

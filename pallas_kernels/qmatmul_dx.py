@@ -110,9 +110,9 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   if split > 1 and reduce_in_kernel:
     tiles.store_split_result(*rest[-3:], pid, part, split, pieces, interpret)
     return
-  for idx, acc, _ in pieces:
+  for idx, acc, piece_mask in pieces:
     idx = (part, *idx) if split > 1 else idx
-    plt.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
+    plt.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=piece_mask)
 
 
 def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
