@@ -727,7 +727,8 @@ def main():
               bytes_bound=q_bytes / (cl["copy_GBps"] * 1e6)
               > flops / (cl["bf16_matmul_TFLOPs"] * 1e9),
               config=dataclasses.asdict(tuning_lib.choose(
-                  op, m, n, k, 4 if bits == "nf4" else bits)))
+                  op, m, n, k, 4 if bits == "nf4" else bits,
+                  codebook=bits == "nf4", dtype=jnp.bfloat16)))
           if isinstance(bf, float):
             row["speedup_vs_xla_bf16"] = bf / ours
           if cub:

@@ -126,7 +126,9 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   """
   layout = tiles.layout_of(w)
   m = dy2d.shape[0]
-  cfg = tuning or tuning_lib.choose("dx", m, layout.n, layout.k, layout.bits)
+  cfg = tuning or tuning_lib.choose(
+      "dx", m, layout.n, layout.k, layout.bits,
+      codebook=layout.codebook is not None, dtype=dy2d.dtype)
   if cfg.contraction != "mma":
     raise ValueError(f"the dx kernel has only the 'mma' contraction, got "
                      f"{cfg.contraction!r}")

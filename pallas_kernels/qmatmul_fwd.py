@@ -175,7 +175,9 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   """
   layout = tiles.layout_of(w)
   m = x2d.shape[0]
-  cfg = tuning or tuning_lib.choose("fwd", m, layout.n, layout.k, layout.bits)
+  cfg = tuning or tuning_lib.choose(
+      "fwd", m, layout.n, layout.k, layout.bits,
+      codebook=layout.codebook is not None, dtype=x2d.dtype)
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
   split = tuning_lib.effective_split(cfg.split_k, layout.kw // bc)
   bm, bn = cfg.block_m, cfg.block_n

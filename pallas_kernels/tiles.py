@@ -60,6 +60,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels import tuning as tuning_lib
 from qft_jax._src import qarray as qa
 
 
@@ -276,7 +277,7 @@ def unbias(v: jax.Array, z: jax.Array | None, layout: Layout) -> jax.Array:
 
 def ptx_unpack_supported(layout: Layout, dtype) -> bool:
   """Whether `biased_planes(..., ptx=True)` handles this weight / dtype."""
-  return (layout.codebook is None and layout.bits in (2, 4)
+  return (layout.codebook is None and layout.bits in tuning_lib.PTX_BITS
           and jnp.dtype(dtype) in _MAGIC_16)
 
 

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 SCALE_MODES = ("weights", "activations")
 MAX_PREFETCH = 4
 CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
 UNPACKS = ("jnp", "ptx")
 SPLIT_REDUCES = ("xla", "kernel")
+PTX_BITS = (2, 4)  # code widths `unpack="ptx"` handles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +84,19 @@ class TuningConfig:
       "select": a binary tree of `where`s over the code's bits with the
         static levels as constant operands, `2**bits - 1` selects (15 for
         NF4; about 20 ALU operations per element with the bit tests), no
-        memory access and no codebook operand. Which one wins depends on
-        whether the kernel is short of load or ALU issue slots, so the
-        probe (experiments/bench_kernels.py) times both.
+        memory access and no codebook operand. Measured faster at every
+        shape probed (`choose` picks it for codebooks): the gather's
+        per-element loads cost more than the selects.
     unpack: how 2- and 4-bit codes become 16-bit floats (`scale_mode=
       "activations"`, where the weight tile holds exact `q - z`).
       "jnp": each code on its own 32-bit lane (shift, mask, or, narrow,
         subtract: about 6 instructions per code).
       "ptx": four bytes per register, byte-permute + lop3 in inline PTX,
         two codes per instruction (tiles.py), then the subtraction; the
-        Pallas interpreter runs the jnp form instead. Hypothesis under
-        test (WORKSPACE.md section 4): decode is bound by instruction
-        issue, not bytes, so fewer instructions per code shorten it.
+        Pallas interpreter runs the jnp form instead. Decode is bound by
+        instruction issue and latency, not bytes (WORKSPACE.md section 4),
+        so fewer instructions per code shorten it: `choose` picks it for
+        2/4-bit decode with 16-bit activations.
     split_reduce: who sums a split contraction's float32 partials
       (`split_k > 1`). "xla": a second kernel after the launch. "kernel":
       the last of each output tile's programs to finish (an atomic arrival
@@ -221,7 +225,8 @@ def shape_class(m: int) -> str:
   return "mid"
 
 
-def choose(op: str, m: int, n: int, k: int, bits: int) -> TuningConfig:
+def choose(op: str, m: int, n: int, k: int, bits: int, *,
+           codebook: bool = False, dtype=None) -> TuningConfig:
   """The table's config for `op` ("fwd" or "dx") at this shape.
 
   Outside decode, one K step covers `codes_per_word * block_k` columns; the
@@ -230,11 +235,24 @@ def choose(op: str, m: int, n: int, k: int, bits: int) -> TuningConfig:
   accumulator per plane in registers). Decode: fwd takes the table's split;
   dx splits its contraction until about `DECODE_TARGET_PROGRAMS` programs
   run.
+
+  Session 7's probe (experiments/results/kernels_probe_h100_2026-11-27_run3
+  .json, M = 1) sets two knobs the table's geometry leaves open:
+  codebook codes (`codebook=True`) look their levels up by select tree,
+  1.4-1.6x faster than the gather at decode and 1.1-2.5x at M = 2048; and
+  uniform 2/4-bit decode with 16-bit activations (`dtype` bf16 / f16)
+  unpacks in PTX: 4-bit fwd 10.9 -> 9.9 us (4096^2) and 22.9 -> 19.7 us
+  (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
   cls = shape_class(m)
   cfg = _TABLE[(op, cls)]
+  if codebook:
+    cfg = dataclasses.replace(cfg, lookup="select")
+  elif (cls == "decode" and bits in PTX_BITS and dtype is not None
+        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    cfg = dataclasses.replace(cfg, unpack="ptx")
   cpw = 8 if bits == 3 else 8 // bits
   if cls != "decode":
     return dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))

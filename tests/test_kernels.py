@@ -454,6 +454,40 @@ def test_decode_table_is_run_two_sweep_winner():
                            -(-tuning.DECODE_TARGET_PROGRAMS // word_tiles))
 
 
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+def test_choose_takes_the_probe_winners(op):
+  """PTX unpacking for 2/4-bit decode with 16-bit activations only; the
+  select-tree lookup for codebook codes at every M."""
+  for bits, dtype, m, want in [(4, jnp.bfloat16, 1, "ptx"),
+                               (2, jnp.float16, 16, "ptx"),
+                               (4, jnp.float32, 1, "jnp"),
+                               (4, None, 1, "jnp"),
+                               (3, jnp.bfloat16, 1, "jnp"),
+                               (8, jnp.bfloat16, 1, "jnp"),
+                               (4, jnp.bfloat16, 256, "jnp"),
+                               (4, jnp.bfloat16, 4096, "jnp")]:
+    cfg = tuning.choose(op, m, 4096, 4096, bits, dtype=dtype)
+    assert (cfg.unpack, cfg.lookup) == (want, "gather"), (bits, dtype, m)
+  for m in (1, 16, 256, 4096):
+    cfg = tuning.choose(op, m, 4096, 4096, 4, codebook=True,
+                        dtype=jnp.bfloat16)
+    assert (cfg.unpack, cfg.lookup) == ("jnp", "select"), m
+
+
+def test_default_kernels_take_the_chosen_config():
+  """With `tuning=None` the kernels read the codebook and dtype into
+  `choose`: a bf16 NF4 decode lowers without the levels operand (select),
+  a bf16 4-bit decode with the PTX unpacking."""
+  n, k = 256, 512
+  nf4 = qa.abstract_qarray((n, k), qa.QuantConfig(
+      bits=4, group_size=64, symmetric=True, codebook="nf4"))
+  text = _cuda_text(kq.qmatmul_fwd.fwd, (1, k), nf4)
+  assert "tensor<16xf32>" not in text
+  uniform = qa.abstract_qarray((n, k), qa.QuantConfig(bits=4, group_size=64))
+  for fn, a in [(kq.qmatmul_fwd.fwd, (1, k)), (kq.qmatmul_dx.dx, (1, n))]:
+    assert "prmt.b32" in _cuda_text(fn, a, uniform)
+
+
 def _emulate_ptx(asm: str, regs: dict) -> dict:
   """Runs the three PTX instructions `tiles._unpack_ptx` emits (prmt, shr,
   lop3) on uint32 numpy registers; `regs` maps "$n" / names to arrays."""
