@@ -496,83 +496,81 @@ def run_sweep(timer, deadline, workers):
   return out
 
 
-def _probe_label(kind: str, cfg, bits) -> str:
-  """A probe row's impl: "bf16"; NF4 training rows "nf4+xla_dequant" and
-  "nf4+<lookup>"; 4-bit rows "table" or "<contraction>[+prefetch<D>]"."""
+# Session 8's probe: the table's decode geometry under `unpack="ptx"`.
+# Nsight Compute (experiments/results/ncu/) found the table's 4-bit decode
+# kernels latency-bound: 174 (fwd) / 255 (dx) registers per thread cap
+# residency at 2 programs (8 warps) per SM, 0.5 eligible warps per
+# scheduler, DRAM at 22 % (fwd) / 13 % (dx) of its peak. Each variant
+# changes one lever of residency or bytes in flight.
+PROBE_FWD = ({"num_warps": 8}, {"block_k": 64}, {"block_k": 64, "split_k": 2},
+             {"num_stages": 2}, {"num_stages": 4},
+             {"block_n": 32, "num_warps": 2},
+             {"block_n": 128, "num_warps": 8},
+             {"block_n": 128, "num_warps": 8, "split_k": 2})
+PROBE_DX = ({"num_warps": 8}, {"block_n": 128}, {"block_k": 64},
+            {"num_stages": 4})
+PROBE_3BIT = ({"split_k": 8}, {"block_n": 32, "num_warps": 2})
+
+
+def _probe_label(kind: str, overrides: dict | None) -> str:
+  """A probe row's impl: "bf16", "xla_dequant", "table" (the kernel as
+  `tuning.choose` configures it) or "table+<knob>=<value>,..."."""
   if kind == "bf16":
     return "bf16"
-  if bits == NF4_DQ:
-    return "nf4+" + ("xla_dequant" if kind == "deq" else cfg.lookup)
-  if cfg is None:
+  if kind == "deq":
+    return "xla_dequant"
+  if not overrides:
     return "table"
-  return (cfg.contraction + (f"+prefetch{cfg.prefetch}" if cfg.prefetch
-                             else "") + ("+ptx" if cfg.unpack == "ptx" else "")
-          + ("+kreduce" if cfg.split_reduce == "kernel" else ""))
+  return "table+" + ",".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def run_probe(timer, deadline, workers):
-  """Decode and NF4 training rows, each kernel with its poisoned-output
-  error check; a minute or two before a sweep.
+  """Decode geometry under the PTX unpacking, and NF4 training rows, each
+  kernel with its poisoned-output error check (a minute or two).
 
-  Decode: M = 1, 4-bit, at the two decode acceptance shapes: XLA bf16, the
-  table's kernel, the table's kernel with `prefetch` 1 and 2, with
-  `unpack="ptx"`, with `split_reduce="kernel"` and with both (fwd and dx),
-  and vector-contraction ("fma") configs, two of them also with prefetch
-  (fwd); 2-bit fwd, the table's kernel with and without `unpack="ptx"`;
-  NF4 (NF4_DQ) fwd under both codebook lookups.
+  Decode, M = 1, at the two decode acceptance shapes: XLA bf16; the table's
+  kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
+  variant for 4- and 2-bit fwd, each `PROBE_DX` variant for 4-bit dx and
+  each `PROBE_3BIT` variant for 3-bit fwd; NF4 (NF4_DQ) fwd, the table.
 
   NF4 training: M = TRAIN_M with QLoRA's weight (NF4_DQ) at the same two
-  shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul, and the table's
-  kernel under each codebook lookup (`TuningConfig.lookup`, "gather" and
-  "select"). The dry run times the TRAIN_M configs at M = 17.
+  shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul and the table's
+  kernel. The dry run times the TRAIN_M configs at M = 17.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
-  fma = [tuning.TuningConfig(block_m=1, block_n=bn, block_k=128,
-                             num_warps=w, num_stages=3, scale_mode="weights",
-                             split_k=sp, contraction="fma")
-         for bn, w, sp in ((16, 1, 8), (32, 2, 4), (32, 2, 8), (32, 4, 16),
-                           (64, 4, 4), (64, 4, 8))]
-  fma += [dataclasses.replace(c, prefetch=1) for c in fma[1:5:2]]
+  _, jnp = _jax_setup()
   shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
   train_m = 17 if INTERPRET else TRAIN_M
-  jobs = []
+  jobs, labels = [], {}
+
+  def add(op, m, n, k, bits, overrides, config_m=None):
+    """Jobs of the table's kernel (as chosen for M = `config_m`, default m)
+    with `overrides`."""
+    cfg = None
+    if overrides or config_m:
+      cfg = dataclasses.replace(tuning.choose(
+          op, config_m or m, n, k, 4 if bits == NF4_DQ else bits,
+          codebook=bits == NF4_DQ, dtype=jnp.bfloat16), **overrides)
+    for job in make_jobs(m, n, k, bits, tuning=cfg, which=("ours", "check")):
+      if job.key[1] == op:
+        jobs.append(job)
+        labels[job.key] = _probe_label("ours", overrides)
+
   for n, k in shapes:
     jobs += make_bf16_jobs(1, n, k)
-    table_ahead = [(dataclasses.replace(tuning.choose(op, 1, n, k, 4),
-                                        prefetch=depth), (op,))
-                   for op in ("fwd", "dx") for depth in (1, 2)]
-    table_ahead += [(dataclasses.replace(tuning.choose(op, 1, n, k, 4),
-                                         unpack=unpack, split_reduce=reduce),
-                     (op,))
-                    for op in ("fwd", "dx")
-                    for unpack, reduce in (("ptx", "xla"), ("jnp", "kernel"),
-                                           ("ptx", "kernel"))]
-    for cfg, ops in ([(None, ("fwd", "dx"))] + table_ahead
-                     + [(c, ("fwd",)) for c in fma]):
-      jobs += [j for j in make_jobs(1, n, k, 4, tuning=cfg,
-                                    which=("ours", "check"))
-               if j.key[1] in ops]
-    for cfg in (None, dataclasses.replace(tuning.choose("fwd", 1, n, k, 2),
-                                          unpack="ptx")):
-      jobs += [j for j in make_jobs(1, n, k, 2, tuning=cfg,
-                                    which=("ours", "check"))
-               if j.key[1] == "fwd"]
-    for lookup in tuning.LOOKUPS:  # QLoRA decode (bitsandbytes' gemv case)
-      cfg = dataclasses.replace(tuning.choose("fwd", 1, n, k, 4),
-                                lookup=lookup)
-      jobs += [j for j in make_jobs(1, n, k, NF4_DQ, tuning=cfg,
-                                    which=("ours", "check"))
-               if j.key[1] == "fwd"]
+    for bits in (4, 2):
+      for overrides in ({},) + PROBE_FWD:
+        add("fwd", 1, n, k, bits, overrides)
+    for overrides in ({},) + PROBE_DX:
+      add("dx", 1, n, k, 4, overrides)
+    for overrides in ({},) + PROBE_3BIT:
+      add("fwd", 1, n, k, 3, overrides)
+    add("fwd", 1, n, k, NF4_DQ, {})  # QLoRA decode (bitsandbytes' gemv case)
   for n, k in shapes:
     jobs += make_bf16_jobs(train_m, n, k)
     jobs += make_jobs(train_m, n, k, NF4_DQ, which=("deq",))
     for op in ("fwd", "dx"):
-      for lookup in tuning.LOOKUPS:
-        cfg = dataclasses.replace(tuning.choose(op, TRAIN_M, n, k, 4),
-                                  lookup=lookup)
-        jobs += [j for j in make_jobs(train_m, n, k, NF4_DQ, tuning=cfg,
-                                      which=("ours", "check"))
-                 if j.key[1] == op]
+      add(op, train_m, n, k, NF4_DQ, {}, config_m=TRAIN_M)
   _compile_all(jobs, workers, deadline)
   res = time_jobs(jobs, timer, deadline)
   rows = []
@@ -583,7 +581,8 @@ def run_probe(timer, deadline, workers):
     check = res.get(("check",) + job.key[1:])
     v = res[job.key]
     rows.append(dict(
-        impl=_probe_label(kind, cfg, bits), op=op, M=m, bits=bits,
+        impl=labels.get(job.key) or _probe_label(kind, None), op=op, M=m,
+        bits=bits,
         N=n, K=k, config=dataclasses.asdict(cfg) if cfg else None,
         us=v * 1e3 if isinstance(v, float) else None,
         rel_err=check if isinstance(check, float) else None,

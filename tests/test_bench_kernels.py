@@ -25,36 +25,43 @@ def _run(tmp_path, *flags):
 def test_probe_times_every_config_and_checks_it(tmp_path):
   got = _run(tmp_path, "--probe")
   rows = got["probe"]
-  decode = [(r["impl"], r["op"]) for r in rows if r["M"] == 1
-            and r["bits"] in (4, None)]
-  two_bit = [(r["impl"], r["op"]) for r in rows if r["bits"] == 2]
-  assert sorted(two_bit) == [("mma+ptx", "fwd"), ("table", "fwd")]
-  nf4_decode = [(r["impl"], r["op"]) for r in rows
-                if r["bits"] == "nf4_dq" and r["M"] == 1]
-  assert sorted(nf4_decode) == [("nf4+gather", "fwd"), ("nf4+select", "fwd")]
-  train = [(r["impl"], r["op"]) for r in rows if r["M"] > 1]
-  for op in ("fwd", "dx"):  # XLA bf16 and the table, with and without prefetch
-    for impl in ("bf16", "table", "mma+prefetch1", "mma+prefetch2",
-                 "mma+ptx", "mma+kreduce", "mma+ptx+kreduce"):
-      assert decode.count((impl, op)) == 1, (impl, op, decode)
-    # NF4 training: XLA bf16 and dequantize-then-matmul, both lookups
-    for impl in ("bf16", "nf4+xla_dequant", "nf4+gather", "nf4+select"):
-      assert train.count((impl, op)) == 1, (impl, op, train)
-  assert decode.count(("fma", "fwd")) >= 4
-  assert decode.count(("fma+prefetch1", "fwd")) >= 1
+  module = _load_module()
+  decode = [(r["impl"], r["op"], r["bits"]) for r in rows if r["M"] == 1]
+  for variants, op, bits in ((module.PROBE_FWD, "fwd", 4),
+                             (module.PROBE_FWD, "fwd", 2),
+                             (module.PROBE_DX, "dx", 4),
+                             (module.PROBE_3BIT, "fwd", 3)):
+    want = ["table"] + [module._probe_label("ours", v) for v in variants]
+    got_impls = [i for i, o, b in decode if (o, b) == (op, bits)]
+    assert sorted(got_impls) == sorted(want), (op, bits, got_impls)
+  assert decode.count(("table", "fwd", "nf4_dq")) == 1
+  for op in ("fwd", "dx"):
+    assert decode.count(("bf16", op, None)) == 1
+    train = [r["impl"] for r in rows if r["M"] > 1 and r["op"] == op]
+    assert sorted(train) == ["bf16", "table", "xla_dequant"], train
   for r in rows:
     assert r["error"] is None, r
     assert r["us"] > 0
-    if r["impl"] not in ("bf16", "nf4+xla_dequant"):
+    if r["impl"] not in ("bf16", "xla_dequant"):
       assert r["rel_err"] < 1e-2, r
-  assert all(r["config"]["scale_mode"] == "weights"
-             for r in rows if r["impl"] == "fma")
-  for r in rows:
-    if r["impl"] in ("nf4+gather", "nf4+select"):
-      assert r["bits"] == "nf4_dq"
-      assert r["config"]["lookup"] == r["impl"].split("+")[1], r
-      if r["M"] > 1:
-        assert r["config"]["block_m"] >= 128, r  # the table's training tile
+    if r["impl"].startswith("table+"):
+      for kv in r["impl"][len("table+"):].split(","):
+        knob, value = kv.split("=")
+        assert str(r["config"][knob]) == value, r
+      if r["bits"] in (2, 4):
+        assert r["config"]["unpack"] == "ptx", r
+    if r["bits"] == "nf4_dq" and r["impl"] == "table" and r["M"] > 1:
+      assert r["config"]["block_m"] >= 128, r  # the table's training tile
+      assert r["config"]["lookup"] == "select", r
+
+
+def _load_module():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look themselves up
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_sweep_and_table_rows(tmp_path):
