@@ -217,6 +217,17 @@ _TABLE = {
 }
 
 
+# Geometry of PTX-unpacked decode, from session 8's probe
+# (kernels_probe_h100_2026-11-27_run4.json, M = 1): fwd 4-bit with half-
+# width programs of 2 warps, 9.8 -> 8.3 us (4096^2) and 19.7 -> 17.2 us
+# (11008x4096; 2-bit: 8.9 -> 8.3 but 16.5 -> 17.4, so it keeps the table's);
+# dx with a 64-word tile, 19.2 -> 13.7 and 43.9 -> 31.4 us (4-bit).
+_PTX_DECODE = {("fwd", 4): dict(block_n=32, num_warps=2),
+               ("fwd", 2): {},
+               ("dx", 4): dict(block_k=64),
+               ("dx", 2): dict(block_k=64)}
+
+
 def shape_class(m: int) -> str:
   if m <= DECODE_MAX_M:
     return "decode"
@@ -237,7 +248,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   run.
 
   Session 7's probe (experiments/results/kernels_probe_h100_2026-11-27_run3
-  .json, M = 1) sets two knobs the table's geometry leaves open:
+  .json, M = 1) sets two knobs the table's geometry leaves open (and
+  `_PTX_DECODE` the geometry that suits the PTX unpacking):
   codebook codes (`codebook=True`) look their levels up by select tree,
   1.4-1.6x faster than the gather at decode and 1.1-2.5x at M = 2048; and
   uniform 2/4-bit decode with 16-bit activations (`dtype` bf16 / f16)
@@ -252,7 +264,7 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
     cfg = dataclasses.replace(cfg, lookup="select")
   elif (cls == "decode" and bits in PTX_BITS and dtype is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
-    cfg = dataclasses.replace(cfg, unpack="ptx")
+    cfg = dataclasses.replace(cfg, unpack="ptx", **_PTX_DECODE[(op, bits)])
   cpw = 8 if bits == 3 else 8 // bits
   if cls != "decode":
     return dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))
