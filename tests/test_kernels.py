@@ -474,6 +474,21 @@ def test_choose_takes_the_probe_winners(op):
     assert (cfg.unpack, cfg.lookup) == ("jnp", "select"), m
 
 
+def test_ptx_decode_geometry_is_probe_four_winner():
+  """With PTX unpacking: fwd 4-bit takes 32-row programs of 2 warps, 2-bit
+  the table's 64 / 4; dx takes a 64-word tile (and splits toward
+  DECODE_TARGET_PROGRAMS from it)."""
+  for bits, want in ((4, (32, 2)), (2, (64, 4))):
+    cfg = tuning.choose("fwd", 1, 11008, 4096, bits, dtype=jnp.bfloat16)
+    assert (cfg.block_n, cfg.num_warps, cfg.split_k) == (*want, 4), bits
+  for bits in (2, 4):
+    dx = tuning.choose("dx", 16, 4096, 4096, bits, dtype=jnp.float16)
+    assert dx.block_k == 64
+    word_tiles = (4096 // (8 // bits)) // 64
+    assert dx.split_k == min(tuning.MAX_SPLIT,
+                             -(-tuning.DECODE_TARGET_PROGRAMS // word_tiles))
+
+
 def test_default_kernels_take_the_chosen_config():
   """With `tuning=None` the kernels read the codebook and dtype into
   `choose`: a bf16 NF4 decode lowers without the levels operand (select),
