@@ -496,7 +496,7 @@ def run_sweep(timer, deadline, workers):
   return out
 
 
-# Session 8's probe: the table's decode geometry under `unpack="ptx"`.
+# Session 7's second probe: the table's decode geometry under `unpack="ptx"`.
 # Nsight Compute (experiments/results/ncu/) found the table's 4-bit decode
 # kernels latency-bound: 174 (fwd) / 255 (dx) registers per thread cap
 # residency at 2 programs (8 warps) per SM, 0.5 eligible warps per

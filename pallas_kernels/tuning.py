@@ -217,7 +217,7 @@ _TABLE = {
 }
 
 
-# Geometry of PTX-unpacked decode, from session 8's probe
+# Geometry of PTX-unpacked decode, from session 7's second probe
 # (kernels_probe_h100_2026-11-27_run4.json, M = 1): fwd 4-bit with half-
 # width programs of 2 warps, 9.8 -> 8.3 us (4096^2) and 19.7 -> 17.2 us
 # (11008x4096; 2-bit: 8.9 -> 8.3 but 16.5 -> 17.4, so it keeps the table's);
