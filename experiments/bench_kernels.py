@@ -500,16 +500,20 @@ def run_sweep(timer, deadline, workers):
 # Nsight Compute (experiments/results/ncu/) found the table's 4-bit decode
 # kernels latency-bound: 174 (fwd) / 255 (dx) registers per thread cap
 # residency at 2 programs (8 warps) per SM, 0.5 eligible warps per
-# scheduler, DRAM at 22 % (fwd) / 13 % (dx) of its peak. Each variant
-# changes one lever of residency or bytes in flight.
+# scheduler, DRAM at 22 % (fwd) / 13 % (dx) of its peak, and 39 % (fwd)
+# excess sectors from the strided per-step scale / zero-point loads. Each
+# variant changes one lever of residency or bytes in flight; the last fwd
+# one loads each program's group parameters once (not yet timed).
 PROBE_FWD = ({"num_warps": 8}, {"block_k": 64}, {"block_k": 64, "split_k": 2},
              {"num_stages": 2}, {"num_stages": 4},
              {"block_n": 32, "num_warps": 2},
              {"block_n": 128, "num_warps": 8},
-             {"block_n": 128, "num_warps": 8, "split_k": 2})
+             {"block_n": 128, "num_warps": 8, "split_k": 2},
+             {"group_params": "program"})
 PROBE_DX = ({"num_warps": 8}, {"block_n": 128}, {"block_k": 64},
             {"num_stages": 4})
-PROBE_3BIT = ({"split_k": 8}, {"block_n": 32, "num_warps": 2})
+PROBE_3BIT = ({"split_k": 8}, {"block_n": 32, "num_warps": 2},
+              {"group_params": "program"})
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:
