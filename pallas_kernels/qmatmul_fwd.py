@@ -103,8 +103,10 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   dtype = x_ref.dtype
 
   start, stop = tiles.split_range(pid % split, split, layout.kw // bc)
-  width = program_groups and tiles.program_group_width(
-      layout, bc, pl.cdiv(layout.kw // bc, split))
+  width = None
+  if program_groups:
+    width = tiles.program_group_width(layout, bc,
+                                      pl.cdiv(layout.kw // bc, split))
   preloaded = None
   if width:  # every plane's groups of [start, stop), loaded once
     preloaded = [tiles.load_program_groups(

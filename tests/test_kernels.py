@@ -236,8 +236,8 @@ class _KernelCases:
     block and selects each step's column: the same values as the per-step
     loads, so the fwd output is bitwise equal, for both scale modes, the
     vector contraction and prefetch; groups straddling a split's start
-    (3 splits), per-channel scales (one group) and 3-bit's 8 planes
-    included (per-channel: W > G = 1, so it falls back to per-step loads)."""
+    (3 splits), 3-bit's 8 planes and per-channel scales (G = 1 < W, the
+    fallback to per-step loads) included."""
     w, x, _ = _inputs(case, seed=np.random.randint(1 << 30))
     mma = tuning.TuningConfig(block_m=16, block_n=16, block_k=block_k,
                               scale_mode="activations", split_k=split)
