@@ -496,24 +496,27 @@ def run_sweep(timer, deadline, workers):
   return out
 
 
-# Session 7's second probe: the table's decode geometry under `unpack="ptx"`.
-# Nsight Compute (experiments/results/ncu/) found the table's 4-bit decode
-# kernels latency-bound: 174 (fwd) / 255 (dx) registers per thread cap
-# residency at 2 programs (8 warps) per SM, 0.5 eligible warps per
-# scheduler, DRAM at 22 % (fwd) / 13 % (dx) of its peak, and 39 % (fwd)
-# excess sectors from the strided per-step scale / zero-point loads. Each
-# variant changes one lever of residency or bytes in flight; the last fwd
-# one loads each program's group parameters once (not yet timed).
-PROBE_FWD = ({"num_warps": 8}, {"block_k": 64}, {"block_k": 64, "split_k": 2},
-             {"num_stages": 2}, {"num_stages": 4},
-             {"block_n": 32, "num_warps": 2},
-             {"block_n": 128, "num_warps": 8},
-             {"block_n": 128, "num_warps": 8, "split_k": 2},
-             {"group_params": "program"})
-PROBE_DX = ({"num_warps": 8}, {"block_n": 128}, {"block_k": 64},
-            {"num_stages": 4})
-PROBE_3BIT = ({"split_k": 8}, {"block_n": 32, "num_warps": 2},
-              {"group_params": "program"})
+# Decode probe variants, each relative to the table's kernel (`tuning.choose`
+# with bf16 activations). Nsight Compute (experiments/results/ncu/) found the
+# decode kernels latency-bound: 174 (fwd) / 255 (dx) registers per thread cap
+# residency at 2 programs per SM, 0.5 eligible warps per scheduler, DRAM at
+# 22 % / 13 % of its peak. Session 8's variants pull the levers of that
+# finding: more and smaller programs, fewer steps per program, fewer pipeline
+# stages (registers), and the per-program scale / zero-point block (the 39 %
+# excess sectors of the strided per-step loads).
+PROBE_FWD = ({"group_params": "program"}, {"split_k": 8},
+             {"split_k": 8, "group_params": "program"},
+             {"block_n": 16, "num_warps": 1},
+             {"block_n": 16, "num_warps": 1, "split_k": 8},
+             {"block_n": 16, "num_warps": 1, "split_k": 2, "num_stages": 5},
+             {"num_stages": 2}, {"num_warps": 1}, {"block_k": 64},
+             {"block_k": 64, "split_k": 8},
+             {"split_k": 8, "split_reduce": "kernel"})
+PROBE_DX = ({"num_warps": 2}, {"block_n": 128}, {"num_stages": 2},
+            {"block_k": 128}, {"block_n": 128, "num_warps": 2})
+PROBE_3BIT = ({"group_params": "program"}, {"block_k": 64},
+              {"num_stages": 2},
+              {"block_n": 32, "num_warps": 2, "split_k": 8})
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:
