@@ -498,25 +498,19 @@ def run_sweep(timer, deadline, workers):
 
 # Decode probe variants, each relative to the table's kernel (`tuning.choose`
 # with bf16 activations). Nsight Compute (experiments/results/ncu/) found the
-# decode kernels latency-bound: 174 (fwd) / 255 (dx) registers per thread cap
-# residency at 2 programs per SM, 0.5 eligible warps per scheduler, DRAM at
-# 22 % / 13 % of its peak. Session 8's variants pull the levers of that
-# finding: more and smaller programs, fewer steps per program, fewer pipeline
-# stages (registers), and the per-program scale / zero-point block (the 39 %
-# excess sectors of the strided per-step loads).
-PROBE_FWD = ({"group_params": "program"}, {"split_k": 8},
-             {"split_k": 8, "group_params": "program"},
-             {"block_n": 16, "num_warps": 1},
-             {"block_n": 16, "num_warps": 1, "split_k": 8},
-             {"block_n": 16, "num_warps": 1, "split_k": 2, "num_stages": 5},
-             {"num_stages": 2}, {"num_warps": 1}, {"block_k": 64},
-             {"block_k": 64, "split_k": 8},
-             {"split_k": 8, "split_reduce": "kernel"})
-PROBE_DX = ({"num_warps": 2}, {"block_n": 128}, {"num_stages": 2},
-            {"block_k": 128}, {"block_n": 128, "num_warps": 2})
-PROBE_3BIT = ({"group_params": "program"}, {"block_k": 64},
-              {"num_stages": 2},
-              {"block_n": 32, "num_warps": 2, "split_k": 8})
+# decode kernels latency-bound at 2 programs per SM (174 / 255 registers per
+# thread). Session 8's first probe (kernels_probe_h100_2026-11-27_run5.json)
+# found the fwd 2/4-bit geometry a local optimum and two wins, 3-bit with 2
+# pipeline stages and dx with 128-row steps; these are their neighbours.
+PROBE_FWD = ({"num_stages": 1}, {"num_stages": 2},
+             {"num_stages": 2, "block_k": 64})
+PROBE_DX = ({"block_n": 128}, {"block_n": 128, "num_stages": 2},
+            {"block_n": 64}, {"block_n": 128, "block_k": 32},
+            {"block_n": 64, "num_stages": 2})
+PROBE_3BIT = ({"num_stages": 2}, {"num_stages": 1},
+              {"num_stages": 2, "block_k": 64},
+              {"num_stages": 2, "block_n": 32, "num_warps": 2},
+              {"num_stages": 2, "split_k": 8})
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:

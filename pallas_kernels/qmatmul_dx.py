@@ -132,9 +132,6 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   if cfg.contraction != "mma":
     raise ValueError(f"the dx kernel has only the 'mma' contraction, got "
                      f"{cfg.contraction!r}")
-  if cfg.group_params != "step":
-    raise ValueError("the dx kernel loads group parameters per step "
-                     f"(group_params='step'), got {cfg.group_params!r}")
   bc = tuning_lib.effective_block_k(cfg.block_k, layout.kw, layout.group)
   bm, bn = cfg.block_m, cfg.block_n
   split = tuning_lib.effective_split(cfg.split_k, pl.cdiv(layout.n, bn))

@@ -43,12 +43,6 @@ Unpacking (`TuningConfig(unpack="ptx")`, 2/4-bit, "activations" scale
 mode): the planes' exact codes come from inline PTX working on four bytes
 per register (tiles.py) instead of one code per 32-bit lane.
 
-Group parameters (`TuningConfig(group_params="program")`): instead of
-loading each step's `(bn,)` scale and zero-point column of the `(N, G)`
-matrices (strided by G: a sector per row), each program loads the
-`(bn, W)` block of the W groups its K range touches once, before the loop,
-and each step picks its column in registers (tiles.ProgramGroups).
-
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
 plane, and write float32 partials `(S, M, N)` that XLA sums and casts: S times
@@ -85,8 +79,7 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
                 fma: bool, prefetch: int, lookup: str, ptx: bool | None,
-                reduce_in_kernel: bool, program_groups: bool,
-                interpret: bool):
+                reduce_in_kernel: bool, interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
   o_ref = rest[-1]  # the outputs follow any aliased inputs in `rest`
@@ -103,26 +96,14 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   dtype = x_ref.dtype
 
   start, stop = tiles.split_range(pid % split, split, layout.kw // bc)
-  width = None
-  if program_groups:
-    width = tiles.program_group_width(layout, bc,
-                                      pl.cdiv(layout.kw // bc, split))
-  preloaded = None
-  if width:  # every plane's groups of [start, stop), loaded once
-    preloaded = [tiles.load_program_groups(
-        s_ref, z_ref, n_slice, n_mask,
-        tiles.group_index(i, start * bc, layout), width, layout)
-                 for i in range(layout.planes)]
 
   def plane_inputs(t, i):
     """x tile `(bm, bc)` and stored scale / zero point of plane i, step t."""
     j0 = pl.multiple_of(t * bc, bc)
     x = plt.load(x_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
                  mask=x_mask, other=0)
-    grp = tiles.group_index(i, j0, layout)
-    if preloaded:
-      return x, tiles.select_group(preloaded[i], grp)
-    return x, tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask, grp)
+    return x, tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask,
+                                   tiles.group_index(i, j0, layout))
 
   def step_bytes(t):
     j0 = pl.multiple_of(t * bc, bc)
@@ -207,8 +188,7 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
       fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup,
       ptx=tiles.ptx_flag(cfg.unpack, layout, x2d.dtype, interpret),
-      reduce_in_kernel=in_kernel,
-      program_groups=cfg.group_params == "program", interpret=interpret)
+      reduce_in_kernel=in_kernel, interpret=interpret)
   x3 = x2d.reshape(m, layout.planes, layout.kw)
   num_tiles = pl.cdiv(m, bm) * pl.cdiv(layout.n, bn)
   grid = (num_tiles * split,)

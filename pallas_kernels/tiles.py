@@ -92,11 +92,6 @@ class Layout:
   def implicit_zero(self) -> int:
     return qa.implicit_zero_point(self.bits)
 
-  @property
-  def num_groups(self) -> int:
-    """G, the scale matrix's columns."""
-    return self.k // self.group
-
 
 def layout_of(w: qa.QArray) -> Layout:
   n, k = w.shape
@@ -185,68 +180,6 @@ def load_group_raw(s_ref, z_ref, rows: pl.Slice, row_mask: jax.Array, grp
   if z_ref is not None:
     z = plt.load(z_ref.at[rows, grp], mask=row_mask, other=0)
   return s, z
-
-
-@dataclasses.dataclass(frozen=True)
-class ProgramGroups:
-  """One plane's group parameters for a program's whole K range
-  (`TuningConfig(group_params="program")`).
-
-  Attributes:
-    first: int32 scalar, the first group of the block (<= the first group
-      the range touches; moved back so the block ends inside the matrix).
-    scale: `(bn, W)` stored scales of groups `[first, first + W)`.
-    zero: `(bn, W)` int32 zero points, or None.
-  """
-  first: jax.Array
-  scale: jax.Array
-  zero: jax.Array | None
-
-
-def program_group_width(layout: Layout, bc: int, steps: int) -> int | None:
-  """W: a power of two >= the groups one plane's `steps` word tiles of `bc`
-  touch, or None when W would exceed G (then the kernel loads per step).
-
-  The tiles cover `steps * bc` contiguous columns starting at a multiple of
-  bc, and bc divides the group size, so at most `ceil(steps * bc / g) + 1`
-  groups (the + 1 for a start inside a group).
-  """
-  touched = min(layout.num_groups, -(-steps * bc // layout.group) + 1)
-  width = 2  # >= 2: the matrix's second axis, never a scalar column
-  while width < touched:
-    width *= 2
-  return width if width <= layout.num_groups else None
-
-
-def load_program_groups(s_ref, z_ref, rows: pl.Slice, row_mask: jax.Array,
-                        first, width: int, layout: Layout) -> ProgramGroups:
-  """`ProgramGroups` holding groups `[first, first + touched)`: the block
-  starts at `min(first, G - width)`, so it stays inside the matrix."""
-  start = jnp.minimum(first, layout.num_groups - width)
-  mask = jnp.broadcast_to(row_mask[:, None], (rows.size, width))
-  s = plt.load(s_ref.at[rows, pl.ds(start, width)], mask=mask, other=0)
-  z = None
-  if z_ref is not None:
-    z = plt.load(z_ref.at[rows, pl.ds(start, width)], mask=mask,
-                 other=0).astype(jnp.int32)
-  return ProgramGroups(start, s, z)
-
-
-def select_group(groups: ProgramGroups, grp
-                 ) -> tuple[jax.Array, jax.Array | None]:
-  """Scale `(bn,)` and zero point `(bn,)` (or None) of group `grp`, picked
-  from the preloaded block in registers: a sum over W of one value and
-  W - 1 zeros, exact in any dtype."""
-  width = groups.scale.shape[1]
-  hit = (lax.broadcasted_iota(jnp.int32, (1, width), 1)
-         == grp - groups.first)
-
-  def pick(v):
-    return jnp.sum(jnp.where(hit, v, jnp.zeros((), v.dtype)), axis=1,
-                   dtype=v.dtype)
-
-  return pick(groups.scale), None if groups.zero is None else pick(
-      groups.zero)
 
 
 def group_params(s: jax.Array, z: jax.Array | None

@@ -29,7 +29,6 @@ CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
 UNPACKS = ("jnp", "ptx")
 SPLIT_REDUCES = ("xla", "kernel")
-GROUP_PARAMS = ("step", "program")
 PTX_BITS = (2, 4)  # code widths `unpack="ptx"` handles
 
 
@@ -102,18 +101,6 @@ class TuningConfig:
       (`split_k > 1`). "xla": a second kernel after the launch. "kernel":
       the last of each output tile's programs to finish (an atomic arrival
       counter per tile, tiles.store_split_result), saving that launch.
-    group_params: how the fwd kernel reads the per-group scales and zero
-      points, stored `(N, G)` (a row's groups contiguous).
-      "step": each step loads its group's `(block_n,)` column: one element
-        per weight row at a stride of G, so one 32-byte sector per row for
-        1-2 bytes (Nsight Compute: 39 % excess sectors at 4-bit decode).
-      "program": each program loads, once before its loop, the
-        `(block_n, W)` block of the W groups its K range touches (a row's
-        W groups share a sector), and each step selects its column in
-        registers (`tiles.ProgramGroups`); same values, bitwise equal
-        outputs. Falls back to "step" when W would exceed G (e.g. per-
-        channel scales). fwd only: a dx program reads one group per plane
-        for ever-new rows, which this cannot coalesce.
   """
   block_m: int = 16
   block_n: int = 32
@@ -128,7 +115,6 @@ class TuningConfig:
   lookup: str = "gather"
   unpack: str = "jnp"
   split_reduce: str = "xla"
-  group_params: str = "step"
 
   def __post_init__(self):
     _check_one_of("contraction", self.contraction, CONTRACTIONS)
@@ -162,7 +148,6 @@ class TuningConfig:
     _check_one_of("lookup", self.lookup, LOOKUPS)
     _check_one_of("unpack", self.unpack, UNPACKS)
     _check_one_of("split_reduce", self.split_reduce, SPLIT_REDUCES)
-    _check_one_of("group_params", self.group_params, GROUP_PARAMS)
     if self.unpack == "ptx" and (self.scale_mode != "activations"
                                  or self.contraction != "mma"):
       raise ValueError("unpack='ptx' makes exact codes for the matrix "

@@ -228,30 +228,6 @@ class _KernelCases:
       np.testing.assert_array_equal(got[0], got[1], err_msg=f.__name__)
       assert _rel(got[1], ref) < TOL
 
-  @pytest.mark.parametrize("case,split,block_k", SPLIT_CASES,
-                           ids=lambda v: _case_id(v) if isinstance(v, tuple)
-                           else str(v))
-  def test_program_group_params_match_per_step(self, case, split, block_k):
-    """`group_params="program"` preloads a program's scale / zero-point
-    block and selects each step's column: the same values as the per-step
-    loads, so the fwd output is bitwise equal, for both scale modes, the
-    vector contraction and prefetch; groups straddling a split's start
-    (3 splits), 3-bit's 8 planes and per-channel scales (G = 1 < W, the
-    fallback to per-step loads) included."""
-    w, x, _ = _inputs(case, seed=np.random.randint(1 << 30))
-    mma = tuning.TuningConfig(block_m=16, block_n=16, block_k=block_k,
-                              scale_mode="activations", split_k=split)
-    for cfg in (mma, dataclasses.replace(mma, scale_mode="weights"),
-                dataclasses.replace(mma, prefetch=1),
-                tuning.TuningConfig(block_m=1, block_n=16, block_k=block_k,
-                                    scale_mode="weights", split_k=split,
-                                    contraction="fma")):
-      got, ref = self._outputs(
-          kq.fwd, x, w, [dataclasses.replace(cfg, group_params=v)
-                         for v in tuning.GROUP_PARAMS])
-      np.testing.assert_array_equal(got[0], got[1], err_msg=str(cfg))
-      assert _rel(got[1], ref) < TOL, cfg
-
   @pytest.mark.parametrize("scale_mode", tuning.SCALE_MODES)
   def test_split_reduced_in_kernel_matches_xla(self, scale_mode):
     """`split_reduce="kernel"`: each tile's last program sums the partials
@@ -333,11 +309,6 @@ def test_vector_contraction_config_is_checked():
                         scale_mode="activations")
   with pytest.raises(ValueError, match="contraction must be"):
     tuning.TuningConfig(contraction="simd")
-  with pytest.raises(ValueError, match="group_params must be"):
-    tuning.TuningConfig(group_params="warp")
-  with pytest.raises(ValueError, match="group_params='step'"):
-    kq.dx(jnp.ones((1, 24), jnp.bfloat16), _q(), interpret=True,
-          tuning=tuning.TuningConfig(group_params="program"))
   with pytest.raises(ValueError, match="only the 'mma'"):
     kq.dx(jnp.ones((1, 24), jnp.bfloat16), _q(), interpret=True,
           tuning=tuning.TuningConfig(block_m=1, contraction="fma",
@@ -452,14 +423,12 @@ def test_gpu_lowering_never_holds_a_float_weight():
                             scale_mode="weights", split_k=2)
   ahead = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
                               prefetch=2)
-  preload = tuning.TuningConfig(block_m=16, block_n=32, num_warps=2,
-                                split_k=4, unpack="ptx",
-                                group_params="program")
+  ptx = tuning.TuningConfig(block_m=16, block_n=32, num_warps=2, split_k=4,
+                            unpack="ptx")
   for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=ahead), (16, k)),
-                (functools.partial(kq.qmatmul_fwd.fwd, tuning=preload),
-                 (1, k)),
+                (functools.partial(kq.qmatmul_fwd.fwd, tuning=ptx), (1, k)),
                 (functools.partial(kq.qmatmul_dx.dx, tuning=ahead), (16, n))]:
     _assert_no_float_weight(_cuda_text(fn, a, w), n, k)
 
