@@ -59,9 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def save_ptx_to(dest: str) -> None:
   """From now on, writes the PTX of every Pallas Triton kernel jax compiles
   to `dest/<entry name>.ptx` (jaxlib > 0.10.2 compiles them itself, through
-  `jax._src.lib.triton.compile`; older ones hand them to XLA)."""
-  from jax._src.pallas.triton import pallas_call_registration as reg  # pylint: disable=g-import-not-at-top
-  compile_kernel = reg.triton.compile
+  `jax._src.lib.triton.compile`, which this wraps; older ones hand the
+  Triton IR to XLA and nothing is saved)."""
+  from jax._src.lib import triton as jaxlib_triton  # pylint: disable=g-import-not-at-top
+  compile_kernel = jaxlib_triton.compile
   pathlib.Path(dest).mkdir(parents=True, exist_ok=True)
 
   def compile_and_save(*args, **kwargs):
@@ -72,7 +73,7 @@ def save_ptx_to(dest: str) -> None:
     (pathlib.Path(dest) / f"{entry}.ptx").write_text(asm)
     return result
 
-  reg.triton.compile = compile_and_save
+  jaxlib_triton.compile = compile_and_save
 
 
 def tuning_for(args, bits) -> tuning_lib.TuningConfig:

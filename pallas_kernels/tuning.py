@@ -221,11 +221,18 @@ _TABLE = {
 # (kernels_probe_h100_2026-11-27_run4.json, M = 1): fwd 4-bit with half-
 # width programs of 2 warps, 9.8 -> 8.3 us (4096^2) and 19.7 -> 17.2 us
 # (11008x4096; 2-bit: 8.9 -> 8.3 but 16.5 -> 17.4, so it keeps the table's);
-# dx with a 64-word tile, 19.2 -> 13.7 and 43.9 -> 31.4 us (4-bit).
+# dx with a 64-word tile, 19.2 -> 13.7 and 43.9 -> 31.4 us (4-bit). Session
+# 8's probes (..._run5.json, reproduced in _run6.json) moved 4-bit dx to
+# 128-row steps: 13.8 -> 12.8 and 31.6 -> 28.0 us.
 _PTX_DECODE = {("fwd", 4): dict(block_n=32, num_warps=2),
                ("fwd", 2): {},
-               ("dx", 4): dict(block_k=64),
+               ("dx", 4): dict(block_k=64, block_n=128),
                ("dx", 2): dict(block_k=64)}
+
+# 3-bit fwd decode (8 planes per 3-byte word, unpacked in jnp): two pipeline
+# stages instead of three, 15.6 -> 12.5 us (4096^2) and 37.9 -> 28.8 us
+# (11008x4096) in session 8's probes (..._run5.json and _run6.json).
+_DECODE_3BIT = dict(num_stages=2)
 
 
 def shape_class(m: int) -> str:
@@ -255,6 +262,7 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   uniform 2/4-bit decode with 16-bit activations (`dtype` bf16 / f16)
   unpacks in PTX: 4-bit fwd 10.9 -> 9.9 us (4096^2) and 22.9 -> 19.7 us
   (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
+  3-bit fwd decode pipelines two stages deep (`_DECODE_3BIT`).
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
@@ -265,6 +273,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   elif (cls == "decode" and bits in PTX_BITS and dtype is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     cfg = dataclasses.replace(cfg, unpack="ptx", **_PTX_DECODE[(op, bits)])
+  elif cls == "decode" and op == "fwd" and bits == 3:
+    cfg = dataclasses.replace(cfg, **_DECODE_3BIT)
   cpw = 8 if bits == 3 else 8 // bits
   if cls != "decode":
     return dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))

@@ -484,19 +484,25 @@ def test_choose_takes_the_probe_winners(op):
     assert (cfg.unpack, cfg.lookup) == ("jnp", "select"), m
 
 
-def test_ptx_decode_geometry_is_probe_four_winner():
+def test_decode_geometry_is_the_probe_winners():
   """With PTX unpacking: fwd 4-bit takes 32-row programs of 2 warps, 2-bit
   the table's 64 / 4; dx takes a 64-word tile (and splits toward
-  DECODE_TARGET_PROGRAMS from it)."""
+  DECODE_TARGET_PROGRAMS from it), 4-bit dx 128-row steps. 3-bit fwd
+  decode pipelines two stages deep, other widths and prefill three."""
   for bits, want in ((4, (32, 2)), (2, (64, 4))):
     cfg = tuning.choose("fwd", 1, 11008, 4096, bits, dtype=jnp.bfloat16)
     assert (cfg.block_n, cfg.num_warps, cfg.split_k) == (*want, 4), bits
-  for bits in (2, 4):
+  for bits, block_n in ((2, 256), (4, 128)):
     dx = tuning.choose("dx", 16, 4096, 4096, bits, dtype=jnp.float16)
-    assert dx.block_k == 64
+    assert (dx.block_k, dx.block_n) == (64, block_n), bits
     word_tiles = (4096 // (8 // bits)) // 64
     assert dx.split_k == min(tuning.MAX_SPLIT,
                              -(-tuning.DECODE_TARGET_PROGRAMS // word_tiles))
+  for bits, m, want in ((3, 1, 2), (3, 16, 2), (3, 256, 3), (4, 1, 3),
+                        (8, 1, 3)):
+    cfg = tuning.choose("fwd", m, 4096, 4096, bits, dtype=jnp.bfloat16)
+    assert cfg.num_stages == want, (bits, m)
+  assert tuning.choose("dx", 1, 4096, 4096, 3).num_stages == 3
 
 
 def test_default_kernels_take_the_chosen_config():
