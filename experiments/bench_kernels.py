@@ -497,20 +497,19 @@ def run_sweep(timer, deadline, workers):
 
 
 # Decode probe variants, each relative to the table's kernel (`tuning.choose`
-# with bf16 activations). Nsight Compute (experiments/results/ncu/) found the
-# decode kernels latency-bound at 2 programs per SM (174 / 255 registers per
-# thread). Session 8's first probe (kernels_probe_h100_2026-11-27_run5.json)
-# found the fwd 2/4-bit geometry a local optimum and two wins, 3-bit with 2
-# pipeline stages and dx with 128-row steps; these are their neighbours.
-PROBE_FWD = ({"num_stages": 1}, {"num_stages": 2},
-             {"num_stages": 2, "block_k": 64})
-PROBE_DX = ({"block_n": 128}, {"block_n": 128, "num_stages": 2},
-            {"block_n": 64}, {"block_n": 128, "block_k": 32},
-            {"block_n": 64, "num_stages": 2})
-PROBE_3BIT = ({"num_stages": 2}, {"num_stages": 1},
-              {"num_stages": 2, "block_k": 64},
-              {"num_stages": 2, "block_n": 32, "num_warps": 2},
-              {"num_stages": 2, "split_k": 8})
+# with bf16 activations). Session 8: Nsight Compute's source view of the
+# 4-bit decode kernels (experiments/results/ncu/*_ptx_sass.csv) shows Triton
+# streaming the packed bytes and activation tiles through shared memory
+# (cp.async) while the scale and zero-point loads stay plain loads, issued
+# and first used within the same step: the hottest stall is the wait for
+# the zero point. These variants carry only the group parameters 1-2 steps
+# ahead (`prefetch_scope="params"`), also with fewer, longer programs.
+_AHEAD = dict(prefetch_scope="params")
+PROBE_FWD = ({"prefetch": 1, **_AHEAD}, {"prefetch": 2, **_AHEAD},
+             {"prefetch": 1, "split_k": 2, **_AHEAD},
+             {"prefetch": 2, "split_k": 2, **_AHEAD})
+PROBE_DX = ({"prefetch": 1, **_AHEAD}, {"prefetch": 2, **_AHEAD})
+PROBE_3BIT = ({"prefetch": 1, **_AHEAD}, {"prefetch": 2, **_AHEAD})
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:

@@ -7,6 +7,10 @@ On the device machine (Firecracker runtime: ncu reads hardware counters;
       --launch-count 1 --set full --export $OUT/fwd_table \
       python3 experiments/profile_kernels.py --op fwd --m 1 --n 4096 --k 4096
   ncu --import $OUT/fwd_table.ncu-rep --page details --csv > $OUT/fwd_table.csv
+  ncu --import $OUT/fwd_table.ncu-rep --page source --print-source sass \
+      --csv > $OUT/fwd_table_sass.csv   # per-instruction counts and stalls
+
+(add `--import-source yes` to the first command for the source view).
 
 The kernel runs with the tuning table's config for its shape (as the
 benchmark's, with bf16 activations) unless
@@ -51,43 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--launches", type=int, default=5,
                   help="kernel calls (ncu's --launch-skip picks one)")
   ap.add_argument("--interpret", action="store_true")
-  ap.add_argument("--ptx_out", default=None,
-                  help="save each compiled kernel's PTX in this folder")
   return ap.parse_args(argv)
-
-
-def save_ptx_to(dest: str) -> None:
-  """From now on, writes the PTX of every Pallas Triton kernel jax compiles
-  to `dest/<entry name>.ptx` (jaxlib > 0.10.2 compiles them itself, through
-  `jax._src.lib.triton.compile`, which this wraps; older ones hand the
-  Triton IR to XLA and nothing is saved)."""
-  from jax._src.lib import triton as jaxlib_triton  # pylint: disable=g-import-not-at-top
-  compile_kernel = jaxlib_triton.compile
-  pathlib.Path(dest).mkdir(parents=True, exist_ok=True)
-
-  def compile_and_save(*args, **kwargs):
-    result = compile_kernel(*args, **kwargs)
-    asm = result.asm.decode() if isinstance(result.asm, bytes) else result.asm
-    entry = next((line.split()[-1].split("(")[0] for line in asm.splitlines()
-                  if line.lstrip().startswith(".visible .entry")), "kernel")
-    (pathlib.Path(dest) / f"{entry}.ptx").write_text(asm)
-    return result
-
-  jaxlib_triton.compile = compile_and_save
-
-
-def tuning_for(args, bits) -> tuning_lib.TuningConfig:
-  if args.config:
-    return tuning_lib.TuningConfig(**json.loads(args.config))
-  return tuning_lib.choose(args.op, args.m, args.n, args.k,
-                           4 if bits == "nf4" else bits,
-                           codebook=bits == "nf4", dtype=jnp.bfloat16)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if args.ptx_out:
-    save_ptx_to(args.ptx_out)
   bits = args.bits if args.bits == "nf4" else int(args.bits)
   cfg = tuning_for(args, bits)
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
