@@ -497,19 +497,20 @@ def run_sweep(timer, deadline, workers):
 
 
 # Decode probe variants, each relative to the table's kernel (`tuning.choose`
-# with bf16 activations). Session 8: Nsight Compute's source view of the
-# 4-bit decode kernels (experiments/results/ncu/*_ptx_sass.csv) shows Triton
-# streaming the packed bytes and activation tiles through shared memory
-# (cp.async) while the scale and zero-point loads stay plain loads, issued
-# and first used within the same step: the hottest stall is the wait for
-# the zero point. These variants carry only the group parameters 1-2 steps
-# ahead (`prefetch_scope="params"`), also with fewer, longer programs.
-_AHEAD = dict(prefetch_scope="params")
-PROBE_FWD = ({"prefetch": 1, **_AHEAD}, {"prefetch": 2, **_AHEAD},
-             {"prefetch": 1, "split_k": 2, **_AHEAD},
-             {"prefetch": 2, "split_k": 2, **_AHEAD})
-PROBE_DX = ({"prefetch": 1, **_AHEAD}, {"prefetch": 2, **_AHEAD})
-PROBE_3BIT = ({"prefetch": 1, **_AHEAD}, {"prefetch": 2, **_AHEAD})
+# with bf16 activations). Nsight Compute's source view of the 4-bit decode
+# kernels (experiments/results/ncu/*_ptx_sass.csv, session 8): Triton
+# streams the packed bytes and the activation tiles through shared memory
+# (cp.async, `num_stages` deep); the hottest stall is the wait for a stage
+# at the loop's top, then the plain scale / zero-point loads; about a
+# quarter of the instructions load and move the activation operand, which
+# M = 1 pads to 16 rows and each warp uses for only 16 weight rows.
+# Carrying the scale / zero-point loads a step ahead lost 30-60 % (probe 7,
+# kernels_probe_h100_2026-11-27_run7.json). These variants give each warp
+# more weight rows per activation fragment.
+PROBE_FWD = ({"block_n": 64, "num_warps": 2}, {"block_n": 128, "num_warps": 4},
+             {"block_n": 64, "num_warps": 2, "split_k": 8})
+PROBE_DX = ({"num_warps": 8},)
+PROBE_3BIT = ({"block_n": 128},)
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:

@@ -13,8 +13,7 @@ Rows of dy past M and weight rows past N are masked (read as 0). With
 `split_k = S > 1` (decode), S programs share each output tile, each walking
 one slice of N, and XLA sums their float32 partials `(S, M, K)` (or, with
 `split_reduce="kernel"`, the last program of each tile does). With
-`prefetch = D` the loop carries the next D steps' loads (or only their
-scales and zero points, `prefetch_scope="params"`), `lookup` picks
+`prefetch = D` the loop carries the next D steps' loads, `lookup` picks
 how codebook levels are formed and `unpack` how 2/4-bit codes are unpacked
 (see qmatmul_fwd and tiles).
 """
@@ -36,7 +35,7 @@ from qft_jax._src import qarray as qa
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                bc: int, scale_mode: str, split: int, prefetch: int,
-               prefetch_params_only: bool, lookup: str, ptx: bool | None, reduce_in_kernel: bool,
+               lookup: str, ptx: bool | None, reduce_in_kernel: bool,
                interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
@@ -88,22 +87,19 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
     return tuple(new)
 
   def load_step(t):
-    """The loads of step t that `prefetch` issues ahead."""
-    params = tuple(plane_params(t, i) for i in range(layout.planes))
-    return params if prefetch_params_only else (*step_tiles(t), params)
-
-  def compute_loaded(t, loaded, accs):
-    if prefetch_params_only:
-      return compute_step(*step_tiles(t), loaded.__getitem__, accs)
-    return compute_step(loaded[0], loaded[1], loaded[2].__getitem__, accs)
+    """Every load of step t, issued before any of them is used."""
+    return (*step_tiles(t),
+            tuple(plane_params(t, i) for i in range(layout.planes)))
 
   zeros = tuple(jnp.zeros((bm, bc), jnp.float32)
                 for _ in range(layout.planes))
   part = pl.program_id(0) % split
   start, stop = tiles.split_range(part, split, pl.cdiv(layout.n, bn))
   if prefetch:  # step t computes while steps t+1 .. t+prefetch load
-    accs = tiles.prefetched_loop(start, stop, prefetch, load_step,
-                                 compute_loaded, zeros)
+    accs = tiles.prefetched_loop(
+        start, stop, prefetch, load_step,
+        lambda loaded, accs: compute_step(loaded[0], loaded[1],
+                                          loaded[2].__getitem__, accs), zeros)
   else:  # each plane's scales just before its arithmetic
     accs = lax.fori_loop(
         start, stop, lambda t, accs: compute_step(
@@ -142,9 +138,7 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   in_kernel = cfg.split_reduce == "kernel"
   kernel = functools.partial(_dx_kernel, m=m, layout=layout, bm=bm, bn=bn,
                              bc=bc, scale_mode=cfg.scale_mode, split=split,
-                             prefetch=cfg.prefetch,
-                             prefetch_params_only=cfg.prefetch_scope
-                             == "params", lookup=cfg.lookup,
+                             prefetch=cfg.prefetch, lookup=cfg.lookup,
                              ptx=tiles.ptx_flag(cfg.unpack, layout,
                                                 dy2d.dtype, interpret),
                              reduce_in_kernel=in_kernel, interpret=interpret)

@@ -29,9 +29,8 @@ kernels_probe_h100_2026-11-27.json.)
 
 Prefetch (`TuningConfig(prefetch=D)`, D >= 1). The loop carries the loads
 of the next D steps (the packed bytes, the x tile of every plane, every
-plane's scale and zero point; with `prefetch_scope="params"` only the
-scales and zero points); step t issues step t + D's loads before its own
-arithmetic, so their latency overlaps D steps of it.
+plane's scale and zero point); step t issues step t + D's loads before its
+own arithmetic, so their latency overlaps D steps of it.
 Triton's own pipelining (`num_stages`) covers loads that feed the matrix
 instruction directly, not these (bytes go through shifts and masks first,
 scales through the ALU): run 1 found `num_stages` 3 and 5 equally fast.
@@ -79,8 +78,7 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
-                fma: bool, prefetch: int, prefetch_params_only: bool,
-                lookup: str, ptx: bool | None,
+                fma: bool, prefetch: int, lookup: str, ptx: bool | None,
                 reduce_in_kernel: bool, interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
@@ -99,19 +97,13 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
 
   start, stop = tiles.split_range(pid % split, split, layout.kw // bc)
 
-  def x_tile(t, i):
-    """x tile `(bm, bc)` of plane i, step t."""
-    j0 = pl.multiple_of(t * bc, bc)
-    return plt.load(x_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
-                    mask=x_mask, other=0)
-
-  def plane_params(t, i):
-    """Stored scale / zero point `(bn,)` of plane i, step t."""
-    return tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask,
-                                tiles.group_index(i, t * bc, layout))
-
   def plane_inputs(t, i):
-    return x_tile(t, i), plane_params(t, i)
+    """x tile `(bm, bc)` and stored scale / zero point of plane i, step t."""
+    j0 = pl.multiple_of(t * bc, bc)
+    x = plt.load(x_ref.at[m_slice, tiles.static_index(i), pl.ds(j0, bc)],
+                 mask=x_mask, other=0)
+    return x, tiles.load_group_raw(s_ref, z_ref, n_slice, n_mask,
+                                   tiles.group_index(i, j0, layout))
 
   def step_bytes(t):
     j0 = pl.multiple_of(t * bc, bc)
@@ -143,22 +135,16 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
     return acc
 
   def load_step(t):
-    """The loads of step t that `prefetch` issues ahead."""
-    if prefetch_params_only:
-      return tuple(plane_params(t, i) for i in range(layout.planes))
+    """Every load of step t, issued before any of them is used."""
     return step_bytes(t), tuple(plane_inputs(t, i)
                                 for i in range(layout.planes))
 
-  def compute_loaded(t, loaded, acc):
-    if prefetch_params_only:
-      return compute_step(step_bytes(t), lambda i: (x_tile(t, i), loaded[i]),
-                          acc)
-    return compute_step(loaded[0], loaded[1].__getitem__, acc)
-
   acc = jnp.zeros((bn, bc if fma else bm), jnp.float32)
   if prefetch:  # step t computes while steps t+1 .. t+prefetch load
-    acc = tiles.prefetched_loop(start, stop, prefetch, load_step,
-                                compute_loaded, acc)
+    acc = tiles.prefetched_loop(
+        start, stop, prefetch, load_step,
+        lambda loaded, acc: compute_step(loaded[0], loaded[1].__getitem__,
+                                         acc), acc)
   else:  # each plane's loads just before its arithmetic
     acc = lax.fori_loop(
         start, stop, lambda t, acc: compute_step(
@@ -200,8 +186,7 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   kernel = functools.partial(
       _fwd_kernel, m=m, layout=layout, bm=bm, bn=bn, bc=bc,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
-      fma=cfg.contraction == "fma", prefetch=cfg.prefetch,
-      prefetch_params_only=cfg.prefetch_scope == "params", lookup=cfg.lookup,
+      fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup,
       ptx=tiles.ptx_flag(cfg.unpack, layout, x2d.dtype, interpret),
       reduce_in_kernel=in_kernel, interpret=interpret)
   x3 = x2d.reshape(m, layout.planes, layout.kw)

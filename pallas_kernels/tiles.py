@@ -340,9 +340,8 @@ def biased_planes(byte_tile: jax.Array, layout: Layout, dtype,
 
 
 def prefetched_loop(start, stop, depth: int, load_step, compute_step, init):
-  """`acc = compute_step(t, load_step(t), acc)` for t in `[start, stop)`,
-  with the loads of the next `depth` steps in flight
-  (`TuningConfig.prefetch`).
+  """`acc = compute_step(load_step(t), acc)` for t in `[start, stop)`, with
+  the loads of the next `depth` steps in flight (`TuningConfig.prefetch`).
 
   Step t issues step t + depth's loads before its own arithmetic; past the
   last step they are re-reads of it, never used. Requires start < stop.
@@ -350,7 +349,7 @@ def prefetched_loop(start, stop, depth: int, load_step, compute_step, init):
   def body(t, carry):
     acc, queue = carry
     ahead = load_step(jnp.minimum(t + depth, stop - 1))
-    return compute_step(t, queue[0], acc), (*queue[1:], ahead)
+    return compute_step(queue[0], acc), (*queue[1:], ahead)
 
   queue = tuple(load_step(jnp.minimum(start + d, stop - 1))
                 for d in range(depth))

@@ -29,7 +29,6 @@ CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
 UNPACKS = ("jnp", "ptx")
 SPLIT_REDUCES = ("xla", "kernel")
-PREFETCH_SCOPES = ("all", "params")
 PTX_BITS = (2, 4)  # code widths `unpack="ptx"` handles
 
 
@@ -78,16 +77,6 @@ class TuningConfig:
       step t + D's before step t's arithmetic, so their memory latency
       overlaps it instead of stalling every step; each step ahead costs
       the registers of one step's operands.
-    prefetch_scope: which loads `prefetch` carries.
-      "all": the packed bytes, activation tiles, scales and zero points
-        (measured slower: 17-40 %, WORKSPACE.md section 4, session 6).
-      "params": only the scales and zero points; the bytes and activation
-        tiles stay in the step, where Triton's pipeliner streams them
-        through shared memory (cp.async, `num_stages` deep). Its pipeliner
-        leaves the 1-2-byte scale and zero-point loads alone, so without
-        this every step waits one memory round trip for them (Nsight
-        Compute's source view of the 4-bit decode kernel: the first use of
-        the zero point is the loop's hottest stall).
     lookup: how codebook (NF4) codes become their float32 levels; uniform
       codes ignore it. Both are exact and give bitwise-equal outputs.
       "gather": `levels[c]`, a load from a 16-entry float32 operand per
@@ -123,7 +112,6 @@ class TuningConfig:
   split_k: int = 1
   contraction: str = "mma"
   prefetch: int = 0
-  prefetch_scope: str = "all"
   lookup: str = "gather"
   unpack: str = "jnp"
   split_reduce: str = "xla"
@@ -157,7 +145,6 @@ class TuningConfig:
         or not 0 <= self.prefetch <= MAX_PREFETCH):
       raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} steps ahead, got "
                        f"{self.prefetch}")
-    _check_one_of("prefetch_scope", self.prefetch_scope, PREFETCH_SCOPES)
     _check_one_of("lookup", self.lookup, LOOKUPS)
     _check_one_of("unpack", self.unpack, UNPACKS)
     _check_one_of("split_reduce", self.split_reduce, SPLIT_REDUCES)

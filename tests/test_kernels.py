@@ -153,9 +153,8 @@ class _KernelCases:
       ((2, 64, True, None, 3, 40, 256), 3),
   ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"split{v}")
   def test_prefetch_changes_nothing_but_timing(self, case, split):
-    """`prefetch=D` carries the next D steps' loads (all of them, or only
-    the scales and zero points); the arithmetic and its order are
-    unchanged, so the outputs are bitwise equal (fwd through both
+    """`prefetch=D` carries the next D steps' loads; the arithmetic and its
+    order are unchanged, so the outputs are bitwise equal (fwd through both
     contractions, and dx), including the re-reads past the last step (3
     steps ahead exceeds some programs' steps)."""
     w, x, dy = _inputs(case, seed=np.random.randint(1 << 30))
@@ -164,22 +163,20 @@ class _KernelCases:
     fma = tuning.TuningConfig(block_m=1, block_n=16, block_k=16,
                               scale_mode="weights", split_k=split,
                               contraction="fma")
-    ahead = [dict(prefetch=0)] + [dict(prefetch=d, prefetch_scope=scope)
-                                  for d in (1, 3)
-                                  for scope in tuning.PREFETCH_SCOPES]
+    depths = (0, 1, 3)
     for cfg in (base, fma):
       got = [np.asarray(kq.fwd(
           x, w, interpret=self.INTERPRET,
-          tuning=dataclasses.replace(cfg, **a),
+          tuning=dataclasses.replace(cfg, prefetch=d),
           out_init=jnp.full((x.shape[0], w.shape[0]), jnp.nan, x.dtype)),
-                        np.float32) for a in ahead]
+                        np.float32) for d in depths]
       for g in got[1:]:
         np.testing.assert_array_equal(got[0], g)
       assert _rel(got[0], kq.reference(x, w)) < TOL
     got = [np.asarray(kq.dx(dy, w, interpret=self.INTERPRET,
-                            tuning=dataclasses.replace(base, **a),
+                            tuning=dataclasses.replace(base, prefetch=d),
                             out_init=jnp.full(x.shape, jnp.nan, x.dtype)),
-                      np.float32) for a in ahead]
+                      np.float32) for d in depths]
     for g in got[1:]:
       np.testing.assert_array_equal(got[0], g)
     assert _rel(got[0], kq.reference_dx(dy, w)) < TOL
@@ -286,8 +283,6 @@ def test_prefetch_depth_is_checked():
     tuning.TuningConfig(prefetch=-1)
   with pytest.raises(ValueError, match="prefetch must be"):
     tuning.TuningConfig(prefetch=True)  # a step count, not a switch
-  with pytest.raises(ValueError, match="prefetch_scope must be one of"):
-    tuning.TuningConfig(prefetch=1, prefetch_scope="bytes")
 
 
 def test_lookup_is_checked():
@@ -430,16 +425,11 @@ def test_gpu_lowering_never_holds_a_float_weight():
                               prefetch=2)
   ptx = tuning.TuningConfig(block_m=16, block_n=32, num_warps=2, split_k=4,
                             unpack="ptx")
-  params_ahead = dataclasses.replace(ptx, prefetch=1, prefetch_scope="params")
   for fn, a in [(kq.qmatmul_fwd.fwd, (16, k)), (kq.qmatmul_dx.dx, (16, n)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=fma), (1, k)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=ahead), (16, k)),
                 (functools.partial(kq.qmatmul_fwd.fwd, tuning=ptx), (1, k)),
-                (functools.partial(kq.qmatmul_fwd.fwd, tuning=params_ahead),
-                 (1, k)),
-                (functools.partial(kq.qmatmul_dx.dx, tuning=ahead), (16, n)),
-                (functools.partial(kq.qmatmul_dx.dx, tuning=params_ahead),
-                 (1, n))]:
+                (functools.partial(kq.qmatmul_dx.dx, tuning=ahead), (16, n))]:
     _assert_no_float_weight(_cuda_text(fn, a, w), n, k)
 
 
