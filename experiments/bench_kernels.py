@@ -507,10 +507,26 @@ def run_sweep(timer, deadline, workers):
 # Carrying the scale / zero-point loads a step ahead lost 30-60 % (probe 7,
 # kernels_probe_h100_2026-11-27_run7.json). These variants give each warp
 # more weight rows per activation fragment.
-PROBE_FWD = ({"block_n": 64, "num_warps": 2}, {"block_n": 128, "num_warps": 4},
-             {"block_n": 64, "num_warps": 2, "split_k": 8})
-PROBE_DX = ({"num_warps": 8},)
-PROBE_3BIT = ({"block_n": 128},)
+# These variants gave each warp more weight rows per activation fragment
+# and lost 18-50 % (probe 8, ..._run8.json); none left to try at M = 1.
+PROBE_FWD = ()
+PROBE_DX = ()
+PROBE_3BIT = ()
+# M = 256 (prefill) takes the training table entry, whose 256 x 128 fwd
+# tiles give N = 4096 only 32 programs (benchmark run 5: 0.31x XLA bf16).
+# Variants with more, smaller programs, and the decode kernel's exact-integer
+# tiles (`scale_mode="activations"`, PTX unpacking), 4-bit, fwd and dx.
+MID_M = 256
+_EXACT = dict(scale_mode="activations", unpack="ptx")
+PROBE_MID_FWD = ({"block_m": 128, "block_n": 64, "num_warps": 4},
+                 {"block_m": 64, "block_n": 64, "num_warps": 4},
+                 {"block_m": 64, "block_n": 128, "num_warps": 4},
+                 {"block_m": 64, "block_n": 64, "num_warps": 4, **_EXACT},
+                 {"block_m": 32, "block_n": 64, "num_warps": 4, **_EXACT},
+                 {"block_m": 64, "block_n": 64, "num_warps": 4, "split_k": 2})
+PROBE_MID_DX = ({"block_m": 64}, {"block_m": 64, "split_k": 4},
+                {"block_m": 32, "split_k": 4, **_EXACT},
+                {"block_m": 64, "block_k": 32, "split_k": 2})
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:
@@ -533,6 +549,8 @@ def run_probe(timer, deadline, workers):
   kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
   variant for 4- and 2-bit fwd, each `PROBE_DX` variant for 4-bit dx and
   each `PROBE_3BIT` variant for 3-bit fwd; NF4 (NF4_DQ) fwd, the table.
+  Prefill, M = MID_M, 4-bit: XLA bf16, the table and each `PROBE_MID_FWD`
+  / `PROBE_MID_DX` variant (the dry run times them at M = 19).
 
   NF4 training: M = TRAIN_M with QLoRA's weight (NF4_DQ) at the same two
   shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul and the table's
@@ -542,6 +560,7 @@ def run_probe(timer, deadline, workers):
   _, jnp = _jax_setup()
   shapes = [(48, 256)] if INTERPRET else [(4096, 4096), (11008, 4096)]
   train_m = 17 if INTERPRET else TRAIN_M
+  mid_m = 19 if INTERPRET else MID_M
   jobs, labels = [], {}
 
   def add(op, m, n, k, bits, overrides, config_m=None):
@@ -567,6 +586,10 @@ def run_probe(timer, deadline, workers):
     for overrides in ({},) + PROBE_3BIT:
       add("fwd", 1, n, k, 3, overrides)
     add("fwd", 1, n, k, NF4_DQ, {})  # QLoRA decode (bitsandbytes' gemv case)
+    jobs += make_bf16_jobs(mid_m, n, k)
+    for op, variants in (("fwd", PROBE_MID_FWD), ("dx", PROBE_MID_DX)):
+      for overrides in ({},) + variants:
+        add(op, mid_m, n, k, 4, overrides, config_m=MID_M)
   for n, k in shapes:
     jobs += make_bf16_jobs(train_m, n, k)
     jobs += make_jobs(train_m, n, k, NF4_DQ, which=("deq",))

@@ -27,17 +27,20 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
   rows = got["probe"]
   module = _load_module()
   decode = [(r["impl"], r["op"], r["bits"]) for r in rows if r["M"] == 1]
-  for variants, op, bits in ((module.PROBE_FWD, "fwd", 4),
-                             (module.PROBE_FWD, "fwd", 2),
-                             (module.PROBE_DX, "dx", 4),
-                             (module.PROBE_3BIT, "fwd", 3)):
+  mid = [(r["impl"], r["op"], r["bits"]) for r in rows if r["M"] == 19]
+  for variants, op, bits, measured in (
+      (module.PROBE_FWD, "fwd", 4, decode), (module.PROBE_FWD, "fwd", 2, decode),
+      (module.PROBE_DX, "dx", 4, decode), (module.PROBE_3BIT, "fwd", 3, decode),
+      (module.PROBE_MID_FWD, "fwd", 4, mid), (module.PROBE_MID_DX, "dx", 4, mid)):
     want = ["table"] + [module._probe_label("ours", v) for v in variants]
-    got_impls = [i for i, o, b in decode if (o, b) == (op, bits)]
+    got_impls = [i for i, o, b in measured if (o, b) == (op, bits)]
     assert sorted(got_impls) == sorted(want), (op, bits, got_impls)
+  for op in ("fwd", "dx"):
+    assert mid.count(("bf16", op, None)) == 1
   assert decode.count(("table", "fwd", "nf4_dq")) == 1
   for op in ("fwd", "dx"):
     assert decode.count(("bf16", op, None)) == 1
-    train = [r["impl"] for r in rows if r["M"] > 1 and r["op"] == op]
+    train = [r["impl"] for r in rows if r["M"] == 17 and r["op"] == op]
     assert sorted(train) == ["bf16", "table", "xla_dequant"], train
   for r in rows:
     assert r["error"] is None, r
@@ -48,7 +51,7 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
       for kv in r["impl"][len("table+"):].split(","):
         knob, value = kv.split("=")
         assert str(r["config"][knob]) == value, r
-      if r["bits"] in (2, 4):
+      if r["bits"] in (2, 4) and r["M"] == 1:
         assert r["config"]["unpack"] == "ptx", r
     if r["bits"] == "nf4_dq" and r["impl"] == "table" and r["M"] > 1:
       assert r["config"]["block_m"] >= 128, r  # the table's training tile
