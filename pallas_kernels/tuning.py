@@ -235,6 +235,29 @@ _PTX_DECODE = {("fwd", 4): dict(block_n=32, num_warps=2),
 _DECODE_3BIT = dict(num_stages=2)
 
 
+# Prefill (TRAIN_MIN_M <= M < PREFILL_MAX_M) keeps the training class's
+# config but not their size: at M = 256 they leave the GPU mostly idle
+# (fwd N = 4096: 32 programs of 256 x 128). Session 8's probe 9
+# (kernels_probe_h100_2026-11-27_run9.json, 4-bit, M = 256): dx with 64-row
+# M tiles, half the word tile and the contraction split in two, 99.3 ->
+# 52.6 us (4096^2) and 254.5 -> 129.9 us (11008x4096); fwd with 128 x 64
+# tiles of 4 warps 72.5 -> 39.7 us where the training tiles give fewer than
+# PREFILL_MIN_PROGRAMS programs (4096^2: 32), but 74.6 -> 86.3 us at
+# 11008x4096 (86 programs), which keeps them.
+PREFILL_MAX_M = 1024
+PREFILL_MIN_PROGRAMS = 64
+
+
+def _prefill(cfg: TuningConfig, op: str, m: int, n: int) -> TuningConfig:
+  if op == "dx":
+    return dataclasses.replace(cfg, block_m=64,
+                               block_k=max(16, cfg.block_k // 2), split_k=2)
+  programs = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+  if programs >= PREFILL_MIN_PROGRAMS:
+    return cfg
+  return dataclasses.replace(cfg, block_m=128, block_n=64, num_warps=4)
+
+
 def shape_class(m: int) -> str:
   if m <= DECODE_MAX_M:
     return "decode"
@@ -277,7 +300,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
     cfg = dataclasses.replace(cfg, **_DECODE_3BIT)
   cpw = 8 if bits == 3 else 8 // bits
   if cls != "decode":
-    return dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))
+    cfg = dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))
+    return _prefill(cfg, op, m, n) if m < PREFILL_MAX_M else cfg
   if op == "fwd":
     return cfg
   tiles = max(1, (k // cpw) // cfg.block_k)

@@ -505,6 +505,22 @@ def test_decode_geometry_is_the_probe_winners():
   assert tuning.choose("dx", 1, 4096, 4096, 3).num_stages == 3
 
 
+def test_prefill_takes_probe_nine_tiles():
+  """M = 256: dx 64-row tiles, half the word tile, split in two; fwd 128 x 64
+  tiles only where the training tiles give too few programs. M = 4096 keeps
+  the training entry."""
+  dx = tuning.choose("dx", 256, 11008, 4096, 4, dtype=jnp.bfloat16)
+  train_dx = tuning.choose("dx", 4096, 11008, 4096, 4, dtype=jnp.bfloat16)
+  assert (dx.block_m, dx.block_k, dx.split_k) == (64, 32, 2)
+  assert (train_dx.block_m, train_dx.block_k, train_dx.split_k) == (128, 64, 1)
+  small = tuning.choose("fwd", 256, 4096, 4096, 4, dtype=jnp.bfloat16)
+  wide = tuning.choose("fwd", 256, 11008, 4096, 4, dtype=jnp.bfloat16)
+  train = tuning.choose("fwd", 4096, 4096, 4096, 4, dtype=jnp.bfloat16)
+  assert (small.block_m, small.block_n, small.num_warps) == (128, 64, 4)
+  assert wide == train
+  assert (train.block_m, train.block_n) == (256, 128)
+
+
 def test_default_kernels_take_the_chosen_config():
   """With `tuning=None` the kernels read the codebook and dtype into
   `choose`: a bf16 NF4 decode lowers without the levels operand (select),
