@@ -507,26 +507,24 @@ def run_sweep(timer, deadline, workers):
 # Carrying the scale / zero-point loads a step ahead lost 30-60 % (probe 7,
 # kernels_probe_h100_2026-11-27_run7.json). These variants give each warp
 # more weight rows per activation fragment.
-# These variants gave each warp more weight rows per activation fragment
-# and lost 18-50 % (probe 8, ..._run8.json); none left to try at M = 1.
-PROBE_FWD = ()
-PROBE_DX = ()
+# Giving each warp more weight rows per activation fragment lost 18-50 %
+# (probe 8, ..._run8.json). The paired 16-bit subtraction that centres
+# each unpacked weight is 12 % of the 4-bit kernel's instructions; these
+# variants subtract the bias once per output element instead
+# (`centering="accumulator"`).
+_FOLD = dict(centering="accumulator")
+PROBE_FWD = (_FOLD,)
+PROBE_DX = (_FOLD,)
 PROBE_3BIT = ()
-# M = 256 (prefill) takes the training table entry, whose 256 x 128 fwd
-# tiles give N = 4096 only 32 programs (benchmark run 5: 0.31x XLA bf16).
-# Variants with more, smaller programs, and the decode kernel's exact-integer
-# tiles (`scale_mode="activations"`, PTX unpacking), 4-bit, fwd and dx.
+# M = 256 (prefill): probe 9 (..._run9.json) moved its tiles
+# (`tuning._prefill`): dx 64-row tiles, half the word tile, split in two;
+# fwd 128 x 64 tiles where the training ones give too few programs. These
+# are the new entries' neighbours.
 MID_M = 256
-_EXACT = dict(scale_mode="activations", unpack="ptx")
-PROBE_MID_FWD = ({"block_m": 128, "block_n": 64, "num_warps": 4},
-                 {"block_m": 64, "block_n": 64, "num_warps": 4},
-                 {"block_m": 64, "block_n": 128, "num_warps": 4},
-                 {"block_m": 64, "block_n": 64, "num_warps": 4, **_EXACT},
-                 {"block_m": 32, "block_n": 64, "num_warps": 4, **_EXACT},
-                 {"block_m": 64, "block_n": 64, "num_warps": 4, "split_k": 2})
-PROBE_MID_DX = ({"block_m": 64}, {"block_m": 64, "split_k": 4},
-                {"block_m": 32, "split_k": 4, **_EXACT},
-                {"block_m": 64, "block_k": 32, "split_k": 2})
+PROBE_MID_FWD = ({"block_m": 128, "block_n": 128, "num_warps": 8},
+                 {"block_m": 128, "block_n": 64, "num_warps": 4,
+                  "split_k": 2})
+PROBE_MID_DX = ({"block_m": 32}, {"split_k": 4})
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:

@@ -29,6 +29,7 @@ CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
 UNPACKS = ("jnp", "ptx")
 SPLIT_REDUCES = ("xla", "kernel")
+CENTERINGS = ("tile", "accumulator")
 PTX_BITS = (2, 4)  # code widths `unpack="ptx"` handles
 
 
@@ -97,6 +98,18 @@ class TuningConfig:
         instruction issue and latency, not bytes (WORKSPACE.md section 4),
         so fewer instructions per code shorten it: `choose` picks it for
         2/4-bit decode with 16-bit activations.
+    centering: where `unpack="ptx"` removes the codes' bias and zero
+      point (its planes hold `b + q`, b = 128 for bf16, 1024 for f16).
+      "tile": every element, `(b + q) - (b + z)` (one paired 16-bit
+        subtraction per two weights, 12 % of the 4-bit decode kernel's
+        instructions in Nsight Compute's source view).
+      "accumulator": the matrix product takes `b + q` as it is and each
+        step subtracts the bias term once per output element instead:
+        fwd `x @ (b + q)^T - (b + z) * sum_j x_j`, dx `dy_s @ (b + q) -
+        dy_s @ (b + z)` (dy_s the scaled dy tile, as rounded for the
+        product). The products are exact and float32 accumulation loses
+        about b / |q - z| times more of its 24 bits than the centred form,
+        far below the 16-bit output's precision.
     split_reduce: who sums a split contraction's float32 partials
       (`split_k > 1`). "xla": a second kernel after the launch. "kernel":
       the last of each output tile's programs to finish (an atomic arrival
@@ -115,6 +128,7 @@ class TuningConfig:
   lookup: str = "gather"
   unpack: str = "jnp"
   split_reduce: str = "xla"
+  centering: str = "tile"
 
   def __post_init__(self):
     _check_one_of("contraction", self.contraction, CONTRACTIONS)
@@ -148,6 +162,11 @@ class TuningConfig:
     _check_one_of("lookup", self.lookup, LOOKUPS)
     _check_one_of("unpack", self.unpack, UNPACKS)
     _check_one_of("split_reduce", self.split_reduce, SPLIT_REDUCES)
+    _check_one_of("centering", self.centering, CENTERINGS)
+    if self.centering == "accumulator" and self.unpack != "ptx":
+      raise ValueError("centering='accumulator' removes the bias of the "
+                       "PTX-unpacked codes: it needs unpack='ptx', got "
+                       f"{self.unpack!r}")
     if self.unpack == "ptx" and (self.scale_mode != "activations"
                                  or self.contraction != "mma"):
       raise ValueError("unpack='ptx' makes exact codes for the matrix "
