@@ -508,23 +508,21 @@ def run_sweep(timer, deadline, workers):
 # kernels_probe_h100_2026-11-27_run7.json). These variants give each warp
 # more weight rows per activation fragment.
 # Giving each warp more weight rows per activation fragment lost 18-50 %
-# (probe 8, ..._run8.json). The paired 16-bit subtraction that centres
-# each unpacked weight is 12 % of the 4-bit kernel's instructions; these
-# variants subtract the bias once per output element instead
-# (`centering="accumulator"`).
-_FOLD = dict(centering="accumulator")
-PROBE_FWD = (_FOLD,)
-PROBE_DX = (_FOLD,)
+# (probe 8, ..._run8.json); subtracting the codes' bias once per output
+# element instead of per weight (`x @ (b + q)^T - (b + z) sum x`) lost
+# 18-70 % at 4-bit (probe 10, ..._run10.json). None left to try at M = 1.
+PROBE_FWD = ()
+PROBE_DX = ()
 PROBE_3BIT = ()
-# M = 256 (prefill): probe 9 (..._run9.json) moved its tiles
-# (`tuning._prefill`): dx 64-row tiles, half the word tile, split in two;
-# fwd 128 x 64 tiles where the training ones give too few programs. These
-# are the new entries' neighbours.
+# M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
+# tiles (`tuning._prefill`). These are the new entries' neighbours.
 MID_M = 256
-PROBE_MID_FWD = ({"block_m": 128, "block_n": 128, "num_warps": 8},
+PROBE_MID_FWD = ({"block_m": 64, "block_n": 64, "num_warps": 4,
+                  "split_k": 2},
                  {"block_m": 128, "block_n": 64, "num_warps": 4,
-                  "split_k": 2})
-PROBE_MID_DX = ({"block_m": 32}, {"split_k": 4})
+                  "split_k": 4})
+PROBE_MID_DX = ({"block_m": 64, "block_k": 32, "split_k": 2,
+                 "num_warps": 8},)
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:

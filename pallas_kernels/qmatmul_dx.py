@@ -14,10 +14,8 @@ Rows of dy past M and weight rows past N are masked (read as 0). With
 one slice of N, and XLA sums their float32 partials `(S, M, K)` (or, with
 `split_reduce="kernel"`, the last program of each tile does). With
 `prefetch = D` the loop carries the next D steps' loads, `lookup` picks
-how codebook levels are formed, `unpack` how 2/4-bit codes are unpacked and
-`centering` where their bias is removed: with "accumulator" the product
-takes the biased codes and each step subtracts `dy_s @ (b + z)`, one value
-per row of the tile (see qmatmul_fwd and tiles).
+how codebook levels are formed and `unpack` how 2/4-bit codes are unpacked
+(see qmatmul_fwd and tiles).
 """
 
 from __future__ import annotations
@@ -37,8 +35,7 @@ from qft_jax._src import qarray as qa
 
 def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                bc: int, scale_mode: str, split: int, prefetch: int,
-               lookup: str, ptx: bool | None, fold_bias: bool,
-               reduce_in_kernel: bool,
+               lookup: str, ptx: bool | None, reduce_in_kernel: bool,
                interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
@@ -83,17 +80,10 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
              * s[:, None]).astype(dtype)
         lhs = dy
       else:
-        if ptx is None:
-          w = tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
-        else:  # fold_bias: `b + q` as unpacked, its bias removed below
-          w = codes[i] if fold_bias else tiles.unbias(codes[i], z, layout)
+        w = (tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
+             if ptx is None else tiles.unbias(codes[i], z, layout))
         lhs = (dy.astype(jnp.float32) * s[None, :]).astype(dtype)
-      part = jnp.dot(lhs, w, preferred_element_type=jnp.float32)
-      if fold_bias:  # dy_s @ (b + q) - dy_s @ (b + z)
-        bz = jnp.broadcast_to(tiles.biased_zero(z, layout, dtype), (bn,))
-        part -= jnp.sum(lhs.astype(jnp.float32) * bz[None, :], axis=1,
-                        keepdims=True)
-      new.append(acc + part)
+      new.append(acc + jnp.dot(lhs, w, preferred_element_type=jnp.float32))
     return tuple(new)
 
   def load_step(t):
@@ -151,7 +141,6 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
                              prefetch=cfg.prefetch, lookup=cfg.lookup,
                              ptx=tiles.ptx_flag(cfg.unpack, layout,
                                                 dy2d.dtype, interpret),
-                             fold_bias=cfg.centering == "accumulator",
                              reduce_in_kernel=in_kernel, interpret=interpret)
   num_tiles = pl.cdiv(m, bm) * (layout.kw // bc)
   grid = (num_tiles * split,)

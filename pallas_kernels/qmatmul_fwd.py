@@ -41,10 +41,7 @@ tiles); the outputs are bitwise equal.
 
 Unpacking (`TuningConfig(unpack="ptx")`, 2/4-bit, "activations" scale
 mode): the planes' exact codes come from inline PTX working on four bytes
-per register (tiles.py) instead of one code per 32-bit lane, as `b + q`;
-`centering="accumulator"` multiplies them as they are and subtracts
-`(b + z) * sum_j x_j` from each step's `(bn, bm)` product instead of
-`b + z` from each weight.
+per register (tiles.py) instead of one code per 32-bit lane.
 
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
@@ -82,7 +79,6 @@ def _program_tile(pid, num_m: int, num_n: int, group_m: int):
 def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                 bc: int, scale_mode: str, group_m: int, split: int,
                 fma: bool, prefetch: int, lookup: str, ptx: bool | None,
-                fold_bias: bool,
                 reduce_in_kernel: bool, interpret: bool):
   q_ref, s_ref, z_ref, cb_ref, rest = tiles.split_weight_refs(refs, layout,
                                                               lookup)
@@ -131,15 +127,10 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
         acc += lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
       else:
-        if ptx is None:
-          w = tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
-        else:  # fold_bias: `b + q` as unpacked, its bias removed below
-          w = codes[i] if fold_bias else tiles.unbias(codes[i], z, layout)
+        w = (tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
+             if ptx is None else tiles.unbias(codes[i], z, layout))
         part = lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
-        if fold_bias:  # x @ (b + q)^T - (b + z) * sum_j x_j
-          bz = jnp.broadcast_to(tiles.biased_zero(z, layout, dtype), (bn,))
-          part -= bz[:, None] * jnp.sum(x.astype(jnp.float32), axis=1)[None]
         acc += s[:, None] * part
     return acc
 
@@ -197,7 +188,6 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
       scale_mode=cfg.scale_mode, group_m=cfg.group_m, split=split,
       fma=cfg.contraction == "fma", prefetch=cfg.prefetch, lookup=cfg.lookup,
       ptx=tiles.ptx_flag(cfg.unpack, layout, x2d.dtype, interpret),
-      fold_bias=cfg.centering == "accumulator",
       reduce_in_kernel=in_kernel, interpret=interpret)
   x3 = x2d.reshape(m, layout.planes, layout.kw)
   num_tiles = pl.cdiv(m, bm) * pl.cdiv(layout.n, bn)

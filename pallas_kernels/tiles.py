@@ -275,15 +275,6 @@ def unbias(v: jax.Array, z: jax.Array | None, layout: Layout) -> jax.Array:
   return v - _biased_16(z, v.dtype)[:, None]
 
 
-def biased_zero(z: jax.Array | None, layout: Layout, dtype) -> jax.Array:
-  """float32 `b + z`, the constant `unbias` subtracts: `(bn,)` from the
-  int32 zero points, or a scalar for the implicit one."""
-  value = _MAGIC_16[jnp.dtype(dtype)][2]
-  if z is None:
-    return jnp.asarray(value + layout.implicit_zero, jnp.float32)
-  return z.astype(jnp.float32) + value
-
-
 def ptx_unpack_supported(layout: Layout, dtype) -> bool:
   """Whether `biased_planes(..., ptx=True)` handles this weight / dtype."""
   return (layout.codebook is None and layout.bits in tuning_lib.PTX_BITS

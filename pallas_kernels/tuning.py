@@ -29,7 +29,6 @@ CONTRACTIONS = ("mma", "fma")
 LOOKUPS = ("gather", "select")
 UNPACKS = ("jnp", "ptx")
 SPLIT_REDUCES = ("xla", "kernel")
-CENTERINGS = ("tile", "accumulator")
 PTX_BITS = (2, 4)  # code widths `unpack="ptx"` handles
 
 
@@ -98,18 +97,6 @@ class TuningConfig:
         instruction issue and latency, not bytes (WORKSPACE.md section 4),
         so fewer instructions per code shorten it: `choose` picks it for
         2/4-bit decode with 16-bit activations.
-    centering: where `unpack="ptx"` removes the codes' bias and zero
-      point (its planes hold `b + q`, b = 128 for bf16, 1024 for f16).
-      "tile": every element, `(b + q) - (b + z)` (one paired 16-bit
-        subtraction per two weights, 12 % of the 4-bit decode kernel's
-        instructions in Nsight Compute's source view).
-      "accumulator": the matrix product takes `b + q` as it is and each
-        step subtracts the bias term once per output element instead:
-        fwd `x @ (b + q)^T - (b + z) * sum_j x_j`, dx `dy_s @ (b + q) -
-        dy_s @ (b + z)` (dy_s the scaled dy tile, as rounded for the
-        product). The products are exact and float32 accumulation loses
-        about b / |q - z| times more of its 24 bits than the centred form,
-        far below the 16-bit output's precision.
     split_reduce: who sums a split contraction's float32 partials
       (`split_k > 1`). "xla": a second kernel after the launch. "kernel":
       the last of each output tile's programs to finish (an atomic arrival
@@ -128,7 +115,6 @@ class TuningConfig:
   lookup: str = "gather"
   unpack: str = "jnp"
   split_reduce: str = "xla"
-  centering: str = "tile"
 
   def __post_init__(self):
     _check_one_of("contraction", self.contraction, CONTRACTIONS)
@@ -162,11 +148,6 @@ class TuningConfig:
     _check_one_of("lookup", self.lookup, LOOKUPS)
     _check_one_of("unpack", self.unpack, UNPACKS)
     _check_one_of("split_reduce", self.split_reduce, SPLIT_REDUCES)
-    _check_one_of("centering", self.centering, CENTERINGS)
-    if self.centering == "accumulator" and self.unpack != "ptx":
-      raise ValueError("centering='accumulator' removes the bias of the "
-                       "PTX-unpacked codes: it needs unpack='ptx', got "
-                       f"{self.unpack!r}")
     if self.unpack == "ptx" and (self.scale_mode != "activations"
                                  or self.contraction != "mma"):
       raise ValueError("unpack='ptx' makes exact codes for the matrix "
@@ -255,14 +236,15 @@ _DECODE_3BIT = dict(num_stages=2)
 
 
 # Prefill (TRAIN_MIN_M <= M < PREFILL_MAX_M) keeps the training class's
-# config but not their size: at M = 256 they leave the GPU mostly idle
+# config but not its tile sizes: at M = 256 they leave the GPU mostly idle
 # (fwd N = 4096: 32 programs of 256 x 128). Session 8's probe 9
 # (kernels_probe_h100_2026-11-27_run9.json, 4-bit, M = 256): dx with 64-row
 # M tiles, half the word tile and the contraction split in two, 99.3 ->
 # 52.6 us (4096^2) and 254.5 -> 129.9 us (11008x4096); fwd with 128 x 64
 # tiles of 4 warps 72.5 -> 39.7 us where the training tiles give fewer than
 # PREFILL_MIN_PROGRAMS programs (4096^2: 32), but 74.6 -> 86.3 us at
-# 11008x4096 (86 programs), which keeps them.
+# 11008x4096 (86 programs), which keeps them. Probe 10 (..._run10.json)
+# split those small fwd tiles' contraction in two: 39.8 -> 31.3 us.
 PREFILL_MAX_M = 1024
 PREFILL_MIN_PROGRAMS = 64
 
@@ -274,7 +256,8 @@ def _prefill(cfg: TuningConfig, op: str, m: int, n: int) -> TuningConfig:
   programs = -(-m // cfg.block_m) * -(-n // cfg.block_n)
   if programs >= PREFILL_MIN_PROGRAMS:
     return cfg
-  return dataclasses.replace(cfg, block_m=128, block_n=64, num_warps=4)
+  return dataclasses.replace(cfg, block_m=128, block_n=64, num_warps=4,
+                             split_k=2)
 
 
 def shape_class(m: int) -> str:
