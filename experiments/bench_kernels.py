@@ -503,14 +503,14 @@ def run_sweep(timer, deadline, workers):
 # (cp.async, `num_stages` deep); the hottest stall is the wait for a stage
 # at the loop's top, then the plain scale / zero-point loads; about a
 # quarter of the instructions load and move the activation operand, which
-# M = 1 pads to 16 rows and each warp uses for only 16 weight rows.
-# Carrying the scale / zero-point loads a step ahead lost 30-60 % (probe 7,
-# kernels_probe_h100_2026-11-27_run7.json). These variants give each warp
-# more weight rows per activation fragment.
-# Giving each warp more weight rows per activation fragment lost 18-50 %
-# (probe 8, ..._run8.json); subtracting the codes' bias once per output
-# element instead of per weight (`x @ (b + q)^T - (b + z) sum x`) lost
-# 18-70 % at 4-bit (probe 10, ..._run10.json). None left to try at M = 1.
+# M = 1 pads to 16 rows. Session 8's variants all lost (WORKSPACE.md
+# section 4, "Session-8 probes"): the scale / zero-point loads carried a
+# step ahead 23-61 % (probe 7, kernels_probe_h100_2026-11-27_run7.json),
+# more weight rows per warp 17-51 % (probe 8, _run8.json; one 2-bit case
+# 5 % faster at 4096^2 and 18 % slower at 11008x4096), the codes' bias
+# subtracted once per output element instead of per weight 26-70 % at
+# 4-bit (probe 10, _run10.json). None is left to try at M = 1 within the
+# knobs Triton exposes.
 PROBE_FWD = ()
 PROBE_DX = ()
 PROBE_3BIT = ()
