@@ -514,6 +514,11 @@ def run_sweep(timer, deadline, workers):
 PROBE_FWD = ()
 PROBE_DX = ()
 PROBE_3BIT = ()
+# NF4 decode (QLoRA's weight; 2.5x slower than bitsandbytes' gemv with the
+# select-tree lookup): the levels looked up in PTX, four per 14 instructions
+# (tiles.level_planes), untimed so far.
+PROBE_NF4 = ({"unpack": "ptx"}, {"unpack": "ptx", "block_n": 32,
+                                 "num_warps": 2})
 # M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
 # tiles (`tuning._prefill`). These are the new entries' neighbours.
 MID_M = 256
@@ -544,7 +549,8 @@ def run_probe(timer, deadline, workers):
   Decode, M = 1, at the two decode acceptance shapes: XLA bf16; the table's
   kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
   variant for 4- and 2-bit fwd, each `PROBE_DX` variant for 4-bit dx and
-  each `PROBE_3BIT` variant for 3-bit fwd; NF4 (NF4_DQ) fwd, the table.
+  each `PROBE_3BIT` variant for 3-bit fwd; NF4 (NF4_DQ) fwd, the table
+  and each `PROBE_NF4` variant.
   Prefill, M = MID_M, 4-bit: XLA bf16, the table and each `PROBE_MID_FWD`
   / `PROBE_MID_DX` variant (the dry run times them at M = 19).
 
@@ -581,7 +587,8 @@ def run_probe(timer, deadline, workers):
       add("dx", 1, n, k, 4, overrides)
     for overrides in ({},) + PROBE_3BIT:
       add("fwd", 1, n, k, 3, overrides)
-    add("fwd", 1, n, k, NF4_DQ, {})  # QLoRA decode (bitsandbytes' gemv case)
+    for overrides in ({},) + PROBE_NF4:  # QLoRA decode (bitsandbytes' gemv)
+      add("fwd", 1, n, k, NF4_DQ, overrides)
     jobs += make_bf16_jobs(mid_m, n, k)
     for op, variants in (("fwd", PROBE_MID_FWD), ("dx", PROBE_MID_DX)):
       for overrides in ({},) + variants:

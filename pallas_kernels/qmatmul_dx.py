@@ -69,8 +69,8 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   def compute_step(byte_tiles, dy, params_of_plane, accs):
     if ptx is None:
       codes = tiles.assemble_words(byte_tiles)
-    else:  # unpack="ptx": every plane's `bias + q` tile at once
-      codes = tiles.biased_planes(byte_tiles[0], layout, dtype, ptx)
+    else:  # unpack="ptx": every plane's `bias + q` (or levels) tile at once
+      codes = tiles.unpacked_planes(byte_tiles[0], layout, dtype, ptx)
     new = []
     for i, acc in enumerate(accs):
       s, z = tiles.group_params(*params_of_plane(i))
@@ -81,7 +81,7 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
         lhs = dy
       else:
         w = (tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
-             if ptx is None else tiles.unbias(codes[i], z, layout))
+             if ptx is None else tiles.ptx_weight_tile(codes[i], z, layout))
         lhs = (dy.astype(jnp.float32) * s[None, :]).astype(dtype)
       new.append(acc + jnp.dot(lhs, w, preferred_element_type=jnp.float32))
     return tuple(new)

@@ -112,8 +112,8 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
   def compute_step(byte_tiles, inputs_of_plane, acc):
     if ptx is None:
       codes = tiles.assemble_words(byte_tiles)
-    else:  # unpack="ptx": every plane's `bias + q` tile at once
-      codes = tiles.biased_planes(byte_tiles[0], layout, dtype, ptx)
+    else:  # unpack="ptx": every plane's `bias + q` (or levels) tile at once
+      codes = tiles.unpacked_planes(byte_tiles[0], layout, dtype, ptx)
     for i in range(layout.planes):
       x, raw = inputs_of_plane(i)
       s, z = tiles.group_params(*raw)
@@ -128,7 +128,7 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
                                preferred_element_type=jnp.float32)
       else:
         w = (tiles.centered_exact(c, z, cb_ref, layout, lookup, dtype)
-             if ptx is None else tiles.unbias(codes[i], z, layout))
+             if ptx is None else tiles.ptx_weight_tile(codes[i], z, layout))
         part = lax.dot_general(w, x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
         acc += s[:, None] * part

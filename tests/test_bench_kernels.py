@@ -31,13 +31,13 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
   for variants, op, bits, measured in (
       (module.PROBE_FWD, "fwd", 4, decode), (module.PROBE_FWD, "fwd", 2, decode),
       (module.PROBE_DX, "dx", 4, decode), (module.PROBE_3BIT, "fwd", 3, decode),
+      (module.PROBE_NF4, "fwd", "nf4_dq", decode),
       (module.PROBE_MID_FWD, "fwd", 4, mid), (module.PROBE_MID_DX, "dx", 4, mid)):
     want = ["table"] + [module._probe_label("ours", v) for v in variants]
     got_impls = [i for i, o, b in measured if (o, b) == (op, bits)]
     assert sorted(got_impls) == sorted(want), (op, bits, got_impls)
   for op in ("fwd", "dx"):
     assert mid.count(("bf16", op, None)) == 1
-  assert decode.count(("table", "fwd", "nf4_dq")) == 1
   for op in ("fwd", "dx"):
     assert decode.count(("bf16", op, None)) == 1
     train = [r["impl"] for r in rows if r["M"] == 17 and r["op"] == op]

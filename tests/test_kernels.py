@@ -214,11 +214,14 @@ class _KernelCases:
   @pytest.mark.parametrize("case,dtype", [
       ((4, 32, False, None, 3, 40, 256), jnp.bfloat16),
       ((2, 64, True, None, 1, 24, 256), jnp.float16),
+      ((4, 64, True, "nf4", 3, 40, 256), jnp.bfloat16),
+      ((4, 32, True, "nf4", 17, 24, 128), jnp.float16),
   ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else jnp.dtype(v).name)
   def test_ptx_unpack_matches_jnp(self, case, dtype):
     """`unpack="ptx"` (run as PTX on the GPU; its jnp form in the
-    interpreter) makes the same exact codes as the int32-lane path, so fwd
-    and dx outputs are bitwise equal, split contraction included."""
+    interpreter) makes the same exact codes (uniform) or the same rounded
+    levels (NF4) as the int32-lane path, so fwd and dx outputs are bitwise
+    equal, split contraction included."""
     w, x, dy = _inputs(case, seed=np.random.randint(1 << 30), dtype=dtype)
     base = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
                                scale_mode="activations", split_k=2)
@@ -537,11 +540,14 @@ def test_default_kernels_take_the_chosen_config():
 
 
 def _emulate_ptx(asm: str, regs: dict) -> dict:
-  """Runs the three PTX instructions `tiles._unpack_ptx` emits (prmt, shr,
-  lop3) on uint32 numpy registers; `regs` maps "$n" / names to arrays."""
+  """Runs the PTX instructions `tiles._unpack_ptx` and `tiles._lookup_ptx`
+  emit (mov, and, or, shl, shr, lop3, prmt with its sign-replicate mode)
+  on uint32 numpy registers; `regs` maps "$n" / names to arrays."""
   def val(tok):
     tok = tok.strip()
-    return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+    if tok in regs:
+      return np.asarray(regs[tok], np.uint32)
+    return np.uint32(int(tok, 0))
 
   for line in asm.splitlines():
     line = line.strip().rstrip(";")
@@ -549,20 +555,63 @@ def _emulate_ptx(asm: str, regs: dict) -> dict:
       continue
     op, args = line.split(None, 1)
     d, *src = [a.strip() for a in args.split(",")]
-    if op == "prmt.b32":  # byte i of d = byte (selector nibble i) of {b, a}
-      a, b, sel = val(src[0]), val(src[1]), int(src[2], 0)
-      pool = [(a >> (8 * j)) & 0xFF for j in range(4)] + [
-          (b >> (8 * j)) & 0xFF for j in range(4)]
-      regs[d] = sum(pool[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+    if op == "prmt.b32":  # byte i of d: byte (selector nibble i & 7) of
+      a, b, sel = val(src[0]), val(src[1]), val(src[2])  # {b, a}; nibble
+      pool = [(a >> (8 * j)) & 0xFF for j in range(4)] + [  # bit 3: that
+          (b >> (8 * j)) & 0xFF for j in range(4)]  # byte's sign, replicated
+      out = np.uint32(0)
+      for i in range(4):
+        nib = (sel >> (4 * i)) & 0xF
+        byte = np.choose(nib & 7, np.broadcast_arrays(*pool))
+        byte = np.where(nib & 8, np.where(byte & 0x80, 0xFF, 0), byte)
+        out = out | (np.asarray(byte, np.uint32) << (8 * i))
+      regs[d] = out
+    elif op == "mov.b32":
+      regs[d] = val(src[0])
+    elif op == "and.b32":
+      regs[d] = val(src[0]) & val(src[1])
+    elif op == "or.b32":
+      regs[d] = val(src[0]) | val(src[1])
+    elif op == "shl.b32":
+      regs[d] = val(src[0]) << int(src[1])
     elif op == "shr.u32":
       regs[d] = val(src[0]) >> int(src[1])
-    elif op == "lop3.b32":
-      assert int(src[3], 0) == 0xEA, "emulated only for (a & b) | c"
-      regs[d] = (val(src[0]) & val(src[1])) | val(src[2])
+    elif op == "lop3.b32":  # bit k of d: bit (a_k b_k c_k) of the LUT
+      a, b, c, lut = val(src[0]), val(src[1]), val(src[2]), int(src[3], 0)
+      out = np.uint32(0)
+      for idx in range(8):
+        if lut >> idx & 1:
+          out = out | ((a if idx & 4 else ~a) & (b if idx & 2 else ~b)
+                       & (c if idx & 1 else ~c))
+      regs[d] = out
     else:
       raise AssertionError(f"unexpected instruction {op}")
     regs[d] = np.asarray(regs[d], np.uint32)
   return regs
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_ptx_lookup_text_computes_the_levels(dtype):
+  """Each NF4 plane's PTX lookup, run by the emulator on random bytes (every
+  code in every position), gives exactly the jnp form's levels rounded to
+  the dtype, in Triton's packing (as the uniform unpacking's test)."""
+  layout = tiles.layout_of(_q(bits=4, group=64, n=4, k=128, symmetric=True,
+                              codebook="nf4"))
+  byte_rows = np.random.randint(0, 256, (256, 4), dtype=np.uint8)
+  byte_rows[:16, 0] = np.arange(16) * 17  # both nibbles take all 16 codes
+  packed = byte_rows.view("<u4")[:, 0]
+  want = tiles.level_planes(jnp.asarray(byte_rows), layout, dtype, ptx=False)
+  patterns = tiles.level_patterns(layout.codebook, dtype)
+  assert len(set(patterns)) == 16
+  for i in range(2):
+    asm, constraints = tiles._lookup_ptx(patterns, i)  # pylint: disable=protected-access
+    assert constraints == "=r,=r,r"
+    regs = _emulate_ptx(asm, {"$2": packed})
+    halves = np.stack([regs["$0"], regs["$1"]], axis=1)
+    got = halves.view("<u2").view(np.dtype(jnp.dtype(dtype)))  # (256, 4)
+    np.testing.assert_array_equal(
+        got.astype(np.float32), np.asarray(want[i], np.float32),
+        err_msg=f"plane {i}")
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -598,18 +647,23 @@ def test_unpack_is_checked():
     tuning.TuningConfig(unpack="ptx", scale_mode="weights")
   ptx = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
                             scale_mode="activations", unpack="ptx")
-  for w in (_q(bits=3, group=32, k=256), _q(bits=8, group=32),
-            _q(bits=4, group=64, symmetric=True, codebook="nf4")):
+  for w in (_q(bits=3, group=32, k=256), _q(bits=8, group=32)):
     x = jnp.ones((2, w.shape[1]), jnp.bfloat16)
     with pytest.raises(ValueError, match="unpack='ptx' takes uniform 2- or"):
       kq.fwd(x, w, interpret=True, tuning=ptx)
+  nf4 = tiles.layout_of(_q(bits=4, group=64, symmetric=True, codebook="nf4"))
+  assert tiles.ptx_unpack_supported(nf4, jnp.bfloat16)
+  assert not tiles.ptx_unpack_supported(nf4, jnp.float32)
 
 
 def test_gpu_lowering_of_ptx_unpack():
-  """`unpack="ptx"` lowers for CUDA (fwd and dx), its PTX inlined."""
+  """`unpack="ptx"` lowers for CUDA (fwd and dx), its PTX inlined: uniform
+  2/4-bit codes and NF4 levels."""
   n, k = 256, 512
-  for bits in (2, 4):
-    w = qa.abstract_qarray((n, k), qa.QuantConfig(bits=bits, group_size=64))
+  nf4 = qa.QuantConfig(bits=4, group_size=64, symmetric=True, codebook="nf4")
+  for qcfg in (qa.QuantConfig(bits=2, group_size=64),
+               qa.QuantConfig(bits=4, group_size=64), nf4):
+    w = qa.abstract_qarray((n, k), qcfg)
     cfg = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
                               scale_mode="activations", unpack="ptx")
     for fn, a in [(functools.partial(kq.qmatmul_fwd.fwd, tuning=cfg), (1, k)),
