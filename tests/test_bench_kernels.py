@@ -29,10 +29,13 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
   decode = [(r["impl"], r["op"], r["bits"]) for r in rows if r["M"] == 1]
   mid = [(r["impl"], r["op"], r["bits"]) for r in rows if r["M"] == 19]
   for variants, op, bits, measured in (
-      (module.PROBE_FWD, "fwd", 4, decode), (module.PROBE_FWD, "fwd", 2, decode),
-      (module.PROBE_DX, "dx", 4, decode), (module.PROBE_3BIT, "fwd", 3, decode),
+      (module.PROBE_FWD, "fwd", 4, decode),
+      (module.PROBE_FWD, "fwd", 2, decode),
+      (module.PROBE_DX, "dx", 4, decode),
+      (module.PROBE_3BIT, "fwd", 3, decode),
       (module.PROBE_NF4, "fwd", "nf4_dq", decode),
-      (module.PROBE_MID_FWD, "fwd", 4, mid), (module.PROBE_MID_DX, "dx", 4, mid)):
+      (module.PROBE_MID_FWD, "fwd", 4, mid),
+      (module.PROBE_MID_DX, "dx", 4, mid)):
     want = ["table"] + [module._probe_label("ours", v) for v in variants]
     got_impls = [i for i, o, b in measured if (o, b) == (op, bits)]
     assert sorted(got_impls) == sorted(want), (op, bits, got_impls)

@@ -604,14 +604,19 @@ def test_ptx_lookup_text_computes_the_levels(dtype):
   patterns = tiles.level_patterns(layout.codebook, dtype)
   assert len(set(patterns)) == 16
   for i in range(2):
-    asm, constraints = tiles._lookup_ptx(patterns, i)  # pylint: disable=protected-access
-    assert constraints == "=r,=r,r"
-    regs = _emulate_ptx(asm, {"$2": packed})
-    halves = np.stack([regs["$0"], regs["$1"]], axis=1)
-    got = halves.view("<u2").view(np.dtype(jnp.dtype(dtype)))  # (256, 4)
-    np.testing.assert_array_equal(
-        got.astype(np.float32), np.asarray(want[i], np.float32),
-        err_msg=f"plane {i}")
+    _assert_ptx_gives(tiles._lookup_ptx(patterns, i), packed, want[i], dtype)  # pylint: disable=protected-access
+
+
+def _assert_ptx_gives(asm_and_constraints, packed, want, dtype):
+  """The PTX block, emulated on the uint32 registers `packed` (4 bytes each),
+  returns exactly `want` `(rows, 4)` in `dtype`, in Triton's packing."""
+  asm, constraints = asm_and_constraints
+  assert constraints == "=r,=r,r"
+  regs = _emulate_ptx(asm, {"$2": packed})
+  halves = np.stack([regs["$0"], regs["$1"]], axis=1)
+  got = halves.view("<u2").view(np.dtype(jnp.dtype(dtype)))
+  np.testing.assert_array_equal(got.astype(np.float32),
+                                np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -628,14 +633,8 @@ def test_ptx_unpack_text_computes_the_biased_planes(bits, dtype):
   packed = byte_rows.view("<u4")[:, 0]
   want = tiles.biased_planes(jnp.asarray(byte_rows), layout, dtype, ptx=False)
   for i in range(8 // bits):
-    asm, constraints = tiles._unpack_ptx(bits, pattern, i)  # pylint: disable=protected-access
-    assert constraints == "=r,=r,r"
-    regs = _emulate_ptx(asm, {"$2": packed})
-    halves = np.stack([regs["$0"], regs["$1"]], axis=1)
-    got = halves.view("<u2").view(np.dtype(jnp.dtype(dtype)))  # (64, 4)
-    np.testing.assert_array_equal(
-        got.astype(np.float32), np.asarray(want[i], np.float32),
-        err_msg=f"plane {i}")
+    _assert_ptx_gives(tiles._unpack_ptx(bits, pattern, i), packed, want[i],  # pylint: disable=protected-access
+                      dtype)
 
 
 def test_unpack_is_checked():
