@@ -514,6 +514,11 @@ def run_sweep(timer, deadline, workers):
 PROBE_FWD = ()
 PROBE_DX = ()
 PROBE_3BIT = ()
+# 3-bit dx decode (0.3x XLA bf16 in run 6): 8 planes, so the table's 32-word
+# tile leaves 16 output tiles (x 8 splits = 128 programs) at K = 4096.
+PROBE_DX3 = ({"block_k": 16}, {"block_n": 128}, {"block_k": 16,
+                                                 "block_n": 128},
+             {"num_stages": 2})
 # NF4 decode (QLoRA's weight; 2.5x slower than bitsandbytes' gemv with the
 # select-tree lookup): the levels looked up in PTX, four per 14 instructions
 # (tiles.level_planes), untimed so far.
@@ -549,8 +554,8 @@ def run_probe(timer, deadline, workers):
   Decode, M = 1, at the two decode acceptance shapes: XLA bf16; the table's
   kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
   variant for 4- and 2-bit fwd, each `PROBE_DX` variant for 4-bit dx and
-  each `PROBE_3BIT` variant for 3-bit fwd; NF4 (NF4_DQ) fwd, the table
-  and each `PROBE_NF4` variant.
+  each `PROBE_3BIT` / `PROBE_DX3` variant for 3-bit fwd / dx; NF4
+  (NF4_DQ) fwd, the table and each `PROBE_NF4` variant.
   Prefill, M = MID_M, 4-bit: XLA bf16, the table and each `PROBE_MID_FWD`
   / `PROBE_MID_DX` variant (the dry run times them at M = 19).
 
@@ -587,6 +592,8 @@ def run_probe(timer, deadline, workers):
       add("dx", 1, n, k, 4, overrides)
     for overrides in ({},) + PROBE_3BIT:
       add("fwd", 1, n, k, 3, overrides)
+    for overrides in ({},) + PROBE_DX3:
+      add("dx", 1, n, k, 3, overrides)
     for overrides in ({},) + PROBE_NF4:  # QLoRA decode (bitsandbytes' gemv)
       add("fwd", 1, n, k, NF4_DQ, overrides)
     jobs += make_bf16_jobs(mid_m, n, k)
