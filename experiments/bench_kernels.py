@@ -524,6 +524,14 @@ PROBE_DX3 = ({"block_k": 16}, {"block_n": 128}, {"block_k": 16,
 # (tiles.level_planes), untimed so far.
 PROBE_NF4 = ({"unpack": "ptx"}, {"unpack": "ptx", "block_n": 32,
                                  "num_warps": 2})
+# Training shapes (M = TRAIN_M), NF4 and uniform 4-bit: the table
+# dequantizes each weight tile in float32 and scales it ("weights" mode, jnp
+# unpacking or the select tree); the variant takes the decode path's
+# exact codes / levels from PTX and scales the partial products instead.
+# The dequantization's ALU work serializes with the matrix instructions
+# there (WORKSPACE.md section 4), so fewer instructions per weight may pay
+# for the larger `(bm, bn)` scaling.
+PROBE_TRAIN = ({"unpack": "ptx", "scale_mode": "activations"},)
 # M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
 # tiles (`tuning._prefill`). These are the new entries' neighbours.
 MID_M = 256
@@ -548,8 +556,8 @@ def _probe_label(kind: str, overrides: dict | None) -> str:
 
 
 def run_probe(timer, deadline, workers):
-  """Decode geometry under the PTX unpacking, and NF4 training rows, each
-  kernel with its poisoned-output error check (a minute or two).
+  """Decode, prefill and training variants of the table's kernels, each
+  with its poisoned-output error check (a minute or two).
 
   Decode, M = 1, at the two decode acceptance shapes: XLA bf16; the table's
   kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
@@ -559,9 +567,10 @@ def run_probe(timer, deadline, workers):
   Prefill, M = MID_M, 4-bit: XLA bf16, the table and each `PROBE_MID_FWD`
   / `PROBE_MID_DX` variant (the dry run times them at M = 19).
 
-  NF4 training: M = TRAIN_M with QLoRA's weight (NF4_DQ) at the same two
-  shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul and the table's
-  kernel. The dry run times the TRAIN_M configs at M = 17.
+  Training: M = TRAIN_M with QLoRA's weight (NF4_DQ) and uniform 4-bit at
+  the same two shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul
+  (NF4) and the table's kernel and each `PROBE_TRAIN` variant. The dry run
+  times the TRAIN_M configs at M = 17.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   _, jnp = _jax_setup()
@@ -604,7 +613,9 @@ def run_probe(timer, deadline, workers):
     jobs += make_bf16_jobs(train_m, n, k)
     jobs += make_jobs(train_m, n, k, NF4_DQ, which=("deq",))
     for op in ("fwd", "dx"):
-      add(op, train_m, n, k, NF4_DQ, {}, config_m=TRAIN_M)
+      for bits in (NF4_DQ, 4):
+        for overrides in ({},) + PROBE_TRAIN:
+          add(op, train_m, n, k, bits, overrides, config_m=TRAIN_M)
   _compile_all(jobs, workers, deadline)
   res = time_jobs(jobs, timer, deadline)
   rows = []
@@ -632,8 +643,8 @@ def main():
   ap.add_argument("--peer", help="internal: run the torch peer into this file")
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--probe", action="store_true",
-                  help="only `run_probe` (M = 1 decode and NF4 training "
-                  "rows, a minute or two)")
+                  help="only `run_probe` (decode, prefill and training "
+                  "variants, a minute or two)")
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--bits", default=",".join(map(str, BITS)) + ",nf4")

@@ -45,7 +45,9 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
   for op in ("fwd", "dx"):
     assert decode.count(("bf16", op, None)) == 1
     train = [r["impl"] for r in rows if r["M"] == 17 and r["op"] == op]
-    assert sorted(train) == ["bf16", "table", "xla_dequant"], train
+    variants = [module._probe_label("ours", v) for v in module.PROBE_TRAIN]
+    assert sorted(train) == sorted(["bf16", "xla_dequant"]
+                                   + 2 * (["table"] + variants)), train
   for r in rows:
     assert r["error"] is None, r
     assert r["us"] > 0
