@@ -58,6 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
+def tuning_for(args, bits) -> tuning_lib.TuningConfig:
+  if args.config:
+    return tuning_lib.TuningConfig(**json.loads(args.config))
+  return tuning_lib.choose(args.op, args.m, args.n, args.k,
+                           4 if bits == "nf4" else bits,
+                           codebook=bits == "nf4", dtype=jnp.bfloat16)
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   bits = args.bits if args.bits == "nf4" else int(args.bits)
