@@ -39,9 +39,10 @@ Codebook codes (NF4) become their levels by a gather from a 16-entry
 operand or by a select tree on constants (`TuningConfig(lookup=...)`, see
 tiles); the outputs are bitwise equal.
 
-Unpacking (`TuningConfig(unpack="ptx")`, 2/4-bit, "activations" scale
-mode): the planes' exact codes come from inline PTX working on four bytes
-per register (tiles.py) instead of one code per 32-bit lane.
+Unpacking (`TuningConfig(unpack="ptx")`, uniform 2/4-bit or NF4,
+"activations" scale mode): the planes' exact codes (or levels) come from
+inline PTX working on four bytes per register (tiles.py) instead of one
+code per 32-bit lane.
 
 Split contraction (decode). With `split_k = S > 1`, S programs share each
 output tile, program s walking word tiles `[s*T/S, (s+1)*T/S)` of the T in a
