@@ -10,7 +10,8 @@ On the device machine (Firecracker runtime: ncu reads hardware counters;
   ncu --import $OUT/fwd_table.ncu-rep --page source --print-source sass \
       --csv > $OUT/fwd_table_sass.csv   # per-instruction counts and stalls
 
-(add `--import-source yes` to the first command for the source view).
+(the committed experiments/results/ncu/*_ptx_sass.csv came from reports
+taken with `--import-source yes` added to the first command).
 
 The kernel runs with the tuning table's config for its shape (as the
 benchmark's, with bf16 activations) unless

@@ -254,6 +254,9 @@ PREFILL_MIN_PROGRAMS = 64
 
 
 def _prefill(cfg: TuningConfig, op: str, m: int, n: int) -> TuningConfig:
+  """The training config resized for prefill (see above). Probed at 4-bit;
+  other widths and NF4 take the same shapes untimed (the reason, too few
+  programs, does not depend on the code width)."""
   if op == "dx":
     return dataclasses.replace(cfg, block_m=64,
                                block_k=max(16, cfg.block_k // 2), split_k=2)
