@@ -514,33 +514,29 @@ def run_sweep(timer, deadline, workers):
 PROBE_FWD = ()
 PROBE_DX = ()
 PROBE_3BIT = ()
-# 3-bit dx decode (0.3x XLA bf16 in run 6): 8 planes, so the table's 32-word
-# tile leaves 16 output tiles (x 8 splits = 128 programs) at K = 4096.
-PROBE_DX3 = ({"block_k": 16}, {"block_n": 128}, {"block_k": 16,
-                                                 "block_n": 128},
-             {"num_stages": 2})
-# NF4 decode (QLoRA's weight; 2.5x slower than bitsandbytes' gemv with the
-# select-tree lookup): the levels looked up in PTX, four per 14 instructions
-# (tiles.level_planes), untimed so far.
-PROBE_NF4 = ({"unpack": "ptx"}, {"unpack": "ptx", "block_n": 32,
-                                 "num_warps": 2})
-# Training shapes (M = TRAIN_M), NF4 and uniform 4-bit: the table
-# dequantizes each weight tile in float32 and scales it ("weights" mode, jnp
-# unpacking or the select tree); the variant takes the decode path's
-# exact codes / levels from PTX and scales the partial products instead.
-# The dequantization's ALU work serializes with the matrix instructions
-# there (WORKSPACE.md section 4), so fewer instructions per weight may pay
-# for the larger `(bm, bn)` scaling.
-PROBE_TRAIN = ({"unpack": "ptx", "scale_mode": "activations"},)
+# 3-bit dx decode: session 9's probe (..._run11.json) moved it to 128-row
+# steps (`tuning._DECODE_3BIT`, 50.7 -> 26.2 us at 4096^2); its neighbours.
+PROBE_DX3 = ({"block_n": 64}, {"num_stages": 2}, {"block_k": 64})
+# NF4 decode (QLoRA's weight): session 9's probe put the PTX lookup into the
+# table for fwd (`tuning._PTX_CODEBOOK`, 27.7 -> 12.9 us at 4096^2); fwd
+# neighbours, and dx (still the select tree) with the PTX lookup, alone and
+# with 4-bit dx's PTX geometry (`tuning._PTX_DECODE`).
+PROBE_NF4 = ({"block_k": 64}, {"split_k": 8})
+PROBE_NF4_DX = ({"unpack": "ptx"}, {"unpack": "ptx", "block_k": 64,
+                                    "block_n": 128})
+# Training shapes (M = TRAIN_M): session 9's probe (..._run11.json) timed
+# the PTX codes / levels with partial-product scaling against the table's
+# float32 dequantization: NF4 dx won (in the table now), NF4 fwd and uniform
+# 4-bit lost. Nothing queued: the training rows run only when this is set.
+PROBE_TRAIN = ()
 # M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
-# tiles (`tuning._prefill`). These are the new entries' neighbours.
+# tiles (`tuning._prefill`); their neighbours lost in session 9's probe
+# (..._run11.json). NF4 dx takes the training winner (PTX levels, dy
+# scaled) there untimed: checked against the select tree.
 MID_M = 256
-PROBE_MID_FWD = ({"block_m": 64, "block_n": 64, "num_warps": 4,
-                  "split_k": 2},
-                 {"block_m": 128, "block_n": 64, "num_warps": 4,
-                  "split_k": 4})
-PROBE_MID_DX = ({"block_m": 64, "block_k": 32, "split_k": 2,
-                 "num_warps": 8},)
+PROBE_MID_FWD = ()
+PROBE_MID_DX = ()
+PROBE_MID_NF4_DX = ({"unpack": "jnp", "scale_mode": "weights"},)
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:
@@ -563,14 +559,16 @@ def run_probe(timer, deadline, workers):
   kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
   variant for 4- and 2-bit fwd, each `PROBE_DX` variant for 4-bit dx and
   each `PROBE_3BIT` / `PROBE_DX3` variant for 3-bit fwd / dx; NF4
-  (NF4_DQ) fwd, the table and each `PROBE_NF4` variant.
-  Prefill, M = MID_M, 4-bit: XLA bf16, the table and each `PROBE_MID_FWD`
-  / `PROBE_MID_DX` variant (the dry run times them at M = 19).
+  (NF4_DQ) fwd / dx, the table and each `PROBE_NF4` / `PROBE_NF4_DX`
+  variant.
+  Prefill, M = MID_M: XLA bf16, the table and each `PROBE_MID_FWD` /
+  `PROBE_MID_DX` variant at 4-bit and each `PROBE_MID_NF4_DX` variant for
+  NF4 dx (the dry run times them at M = 19).
 
-  Training: M = TRAIN_M with QLoRA's weight (NF4_DQ) and uniform 4-bit at
-  the same two shapes, fwd and dx: XLA bf16, XLA dequantize-then-matmul
-  (NF4) and the table's kernel and each `PROBE_TRAIN` variant. The dry run
-  times the TRAIN_M configs at M = 17.
+  Training, only while `PROBE_TRAIN` holds variants: M = TRAIN_M with
+  QLoRA's weight (NF4_DQ) and uniform 4-bit at the same two shapes, fwd and
+  dx: XLA bf16, XLA dequantize-then-matmul (NF4) and the table's kernel and
+  each variant. The dry run times the TRAIN_M configs at M = 17.
   """
   from pallas_kernels import tuning  # pylint: disable=g-import-not-at-top
   _, jnp = _jax_setup()
@@ -605,11 +603,15 @@ def run_probe(timer, deadline, workers):
       add("dx", 1, n, k, 3, overrides)
     for overrides in ({},) + PROBE_NF4:  # QLoRA decode (bitsandbytes' gemv)
       add("fwd", 1, n, k, NF4_DQ, overrides)
+    for overrides in ({},) + PROBE_NF4_DX:
+      add("dx", 1, n, k, NF4_DQ, overrides)
     jobs += make_bf16_jobs(mid_m, n, k)
     for op, variants in (("fwd", PROBE_MID_FWD), ("dx", PROBE_MID_DX)):
       for overrides in ({},) + variants:
         add(op, mid_m, n, k, 4, overrides, config_m=MID_M)
-  for n, k in shapes:
+    for overrides in ({},) + PROBE_MID_NF4_DX:
+      add("dx", mid_m, n, k, NF4_DQ, overrides, config_m=MID_M)
+  for n, k in shapes if PROBE_TRAIN else ():
     jobs += make_bf16_jobs(train_m, n, k)
     jobs += make_jobs(train_m, n, k, NF4_DQ, which=("deq",))
     for op in ("fwd", "dx"):

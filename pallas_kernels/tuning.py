@@ -233,10 +233,25 @@ _PTX_DECODE = {("fwd", 4): dict(block_n=32, num_warps=2),
                ("dx", 4): dict(block_k=64, block_n=128),
                ("dx", 2): dict(block_k=64)}
 
-# 3-bit fwd decode (8 planes per 3-byte word, unpacked in jnp): two pipeline
-# stages instead of three, 15.6 -> 12.5 us (4096^2) and 37.9 -> 28.8 us
-# (11008x4096) in session 8's probes (..._run5.json and _run6.json).
-_DECODE_3BIT = dict(num_stages=2)
+# 3-bit decode (8 planes per 3-byte word, unpacked in jnp): fwd with two
+# pipeline stages instead of three, 15.6 -> 12.5 us (4096^2) and 37.9 ->
+# 28.8 us (11008x4096) in session 8's probes (..._run5.json and _run6.json);
+# dx with 128-row steps instead of 256, 50.7 -> 26.2 us and 118.2 -> 66.6 us
+# in session 9's (..._run11.json).
+_DECODE_3BIT = {"fwd": dict(num_stages=2), "dx": dict(block_n=128)}
+
+# Codebook (NF4) levels by the PTX byte-permute lookup (tiles.level_planes),
+# session 9's probe (..._run11.json, QLoRA's double-quantized NF4): decode
+# fwd with the 4-bit geometry, 27.7 -> 12.9 us (4096^2, M = 1) and 68.0 ->
+# 23.8 us (11008x4096); training dx (M = 2048) with the levels exact and
+# the dy tile scaled ("activations"), 385.7 -> 230.4 us and 1021.5 ->
+# 595.9 us. Training fwd stays on the select tree: 359.7 -> 430.6 us with
+# PTX levels and scaled partial products (uniform 4-bit lost at both
+# training ops too: fwd 154.0 -> 386.3, dx 205.7 -> 300.5 us).
+_PTX_CODEBOOK = {("fwd", "decode"): dict(unpack="ptx", block_n=32,
+                                         num_warps=2),
+                 ("dx", "train"): dict(unpack="ptx",
+                                       scale_mode="activations")}
 
 
 # Prefill (TRAIN_MIN_M <= M < PREFILL_MAX_M) keeps the training class's
@@ -294,19 +309,24 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   uniform 2/4-bit decode with 16-bit activations (`dtype` bf16 / f16)
   unpacks in PTX: 4-bit fwd 10.9 -> 9.9 us (4096^2) and 22.9 -> 19.7 us
   (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
-  3-bit fwd decode pipelines two stages deep (`_DECODE_3BIT`).
+  3-bit decode has its own geometry (`_DECODE_3BIT`); codebook codes with
+  16-bit activations take the PTX lookup where session 9 measured it faster
+  (`_PTX_CODEBOOK`: decode fwd, training / prefill dx).
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
   cls = shape_class(m)
   cfg = _TABLE[(op, cls)]
+  half = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16,
+                                                     jnp.float16)
   if codebook:
     cfg = dataclasses.replace(cfg, lookup="select")
-  elif (cls == "decode" and bits in PTX_BITS and dtype is not None
-        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    if half and (op, cls) in _PTX_CODEBOOK:
+      cfg = dataclasses.replace(cfg, **_PTX_CODEBOOK[(op, cls)])
+  elif cls == "decode" and bits in PTX_BITS and half:
     cfg = dataclasses.replace(cfg, unpack="ptx", **_PTX_DECODE[(op, bits)])
-  elif cls == "decode" and op == "fwd" and bits == 3:
-    cfg = dataclasses.replace(cfg, **_DECODE_3BIT)
+  elif cls == "decode" and bits == 3:
+    cfg = dataclasses.replace(cfg, **_DECODE_3BIT[op])
   cpw = 8 if bits == 3 else 8 // bits
   if cls != "decode":
     cfg = dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))

@@ -6,7 +6,16 @@ import pathlib
 
 import pytest
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+  """Tests run on the CPU (CI has none other), unless the marker expression
+  selects the `gpu` tests (`pytest -m gpu`), which need JAX's GPU backend.
+  Runs before any test module imports jax."""
+  markexpr = config.getoption("markexpr") or ""
+  if "gpu" not in markexpr.replace("not gpu", ""):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

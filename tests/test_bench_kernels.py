@@ -35,8 +35,10 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
       (module.PROBE_3BIT, "fwd", 3, decode),
       (module.PROBE_DX3, "dx", 3, decode),
       (module.PROBE_NF4, "fwd", "nf4_dq", decode),
+      (module.PROBE_NF4_DX, "dx", "nf4_dq", decode),
       (module.PROBE_MID_FWD, "fwd", 4, mid),
-      (module.PROBE_MID_DX, "dx", 4, mid)):
+      (module.PROBE_MID_DX, "dx", 4, mid),
+      (module.PROBE_MID_NF4_DX, "dx", "nf4_dq", mid)):
     want = ["table"] + [module._probe_label("ours", v) for v in variants]
     got_impls = [i for i, o, b in measured if (o, b) == (op, bits)]
     assert sorted(got_impls) == sorted(want), (op, bits, got_impls)
@@ -46,8 +48,9 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
     assert decode.count(("bf16", op, None)) == 1
     train = [r["impl"] for r in rows if r["M"] == 17 and r["op"] == op]
     variants = [module._probe_label("ours", v) for v in module.PROBE_TRAIN]
-    assert sorted(train) == sorted(["bf16", "xla_dequant"]
-                                   + 2 * (["table"] + variants)), train
+    assert sorted(train) == (sorted(["bf16", "xla_dequant"]
+                                    + 2 * (["table"] + variants))
+                             if variants else []), train
   for r in rows:
     assert r["error"] is None, r
     assert r["us"] > 0
@@ -60,8 +63,10 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
       if r["bits"] in (2, 4) and r["M"] == 1:
         assert r["config"]["unpack"] == "ptx", r
     if r["bits"] == "nf4_dq" and r["impl"] == "table" and r["M"] > 1:
-      assert r["config"]["block_m"] >= 128, r  # the table's training tile
       assert r["config"]["lookup"] == "select", r
+      if r["op"] == "dx":  # PTX levels, dy scaled (tuning._PTX_CODEBOOK)
+        assert (r["config"]["unpack"], r["config"]["scale_mode"]) == (
+            "ptx", "activations"), r
 
 
 def _load_module():

@@ -470,7 +470,9 @@ def test_decode_table_is_run_two_sweep_winner():
 @pytest.mark.parametrize("op", ["fwd", "dx"])
 def test_choose_takes_the_probe_winners(op):
   """PTX unpacking for 2/4-bit decode with 16-bit activations only; the
-  select-tree lookup for codebook codes at every M."""
+  select-tree lookup for codebook codes at every M, and with 16-bit
+  activations their PTX lookup for decode fwd and training / prefill dx
+  (the latter with the dy tile scaled)."""
   for bits, dtype, m, want in [(4, jnp.bfloat16, 1, "ptx"),
                                (2, jnp.float16, 16, "ptx"),
                                (4, jnp.float32, 1, "jnp"),
@@ -481,17 +483,25 @@ def test_choose_takes_the_probe_winners(op):
                                (4, jnp.bfloat16, 4096, "jnp")]:
     cfg = tuning.choose(op, m, 4096, 4096, bits, dtype=dtype)
     assert (cfg.unpack, cfg.lookup) == (want, "gather"), (bits, dtype, m)
+  ptx_codebook = {"fwd": (1, 16), "dx": (256, 4096)}[op]
   for m in (1, 16, 256, 4096):
     cfg = tuning.choose(op, m, 4096, 4096, 4, codebook=True,
                         dtype=jnp.bfloat16)
-    assert (cfg.unpack, cfg.lookup) == ("jnp", "select"), m
+    want = "ptx" if m in ptx_codebook else "jnp"
+    assert (cfg.unpack, cfg.lookup) == (want, "select"), m
+    assert cfg.scale_mode == ("activations" if m < 256 or want == "ptx"
+                              else "weights"), m
+    f32 = tuning.choose(op, m, 4096, 4096, 4, codebook=True,
+                        dtype=jnp.float32)
+    assert (f32.unpack, f32.lookup) == ("jnp", "select"), m
 
 
 def test_decode_geometry_is_the_probe_winners():
   """With PTX unpacking: fwd 4-bit takes 32-row programs of 2 warps, 2-bit
   the table's 64 / 4; dx takes a 64-word tile (and splits toward
   DECODE_TARGET_PROGRAMS from it), 4-bit dx 128-row steps. 3-bit fwd
-  decode pipelines two stages deep, other widths and prefill three."""
+  decode pipelines two stages deep, other widths and prefill three; 3-bit
+  dx decode takes 128-row steps, NF4 fwd decode the 4-bit geometry."""
   for bits, want in ((4, (32, 2)), (2, (64, 4))):
     cfg = tuning.choose("fwd", 1, 11008, 4096, bits, dtype=jnp.bfloat16)
     assert (cfg.block_n, cfg.num_warps, cfg.split_k) == (*want, 4), bits
@@ -505,7 +515,11 @@ def test_decode_geometry_is_the_probe_winners():
                         (8, 1, 3)):
     cfg = tuning.choose("fwd", m, 4096, 4096, bits, dtype=jnp.bfloat16)
     assert cfg.num_stages == want, (bits, m)
-  assert tuning.choose("dx", 1, 4096, 4096, 3).num_stages == 3
+  dx3 = tuning.choose("dx", 1, 4096, 4096, 3)
+  assert (dx3.num_stages, dx3.block_n) == (3, 128)
+  nf4 = tuning.choose("fwd", 1, 4096, 4096, 4, codebook=True,
+                      dtype=jnp.bfloat16)
+  assert (nf4.block_n, nf4.num_warps, nf4.split_k) == (32, 2, 4)
 
 
 def test_prefill_takes_the_probe_winners():
