@@ -514,29 +514,29 @@ def run_sweep(timer, deadline, workers):
 PROBE_FWD = ()
 PROBE_DX = ()
 PROBE_3BIT = ()
-# 3-bit dx decode: session 9's probe (..._run11.json) moved it to 128-row
-# steps (`tuning._DECODE_3BIT`, 50.7 -> 26.2 us at 4096^2); its neighbours.
-PROBE_DX3 = ({"block_n": 64}, {"num_stages": 2}, {"block_k": 64})
-# NF4 decode (QLoRA's weight): session 9's probe put the PTX lookup into the
-# table for fwd (`tuning._PTX_CODEBOOK`, 27.7 -> 12.9 us at 4096^2); fwd
-# neighbours, and dx (still the select tree) with the PTX lookup, alone and
-# with 4-bit dx's PTX geometry (`tuning._PTX_DECODE`).
-PROBE_NF4 = ({"block_k": 64}, {"split_k": 8})
-PROBE_NF4_DX = ({"unpack": "ptx"}, {"unpack": "ptx", "block_k": 64,
-                                    "block_n": 128})
+# 3-bit dx decode: session 9's probe 11 (..._run11.json) moved it to
+# 128-row steps (`tuning._DECODE_3BIT`, 50.7 -> 26.2 us at 4096^2); its
+# neighbours lost or tied in probe 12 (_run12.json: block_n 64 30.5 us, two
+# stages 26.5, a 64-word tile 49.9).
+PROBE_DX3 = ()
+# NF4 decode (QLoRA's weight): probes 11-12 put the PTX lookup into the
+# table (`tuning._PTX_CODEBOOK`): fwd split 8 ways, dx with 4-bit dx's
+# geometry. Nothing queued.
+PROBE_NF4 = ()
+PROBE_NF4_DX = ()
 # Training shapes (M = TRAIN_M): session 9's probe (..._run11.json) timed
 # the PTX codes / levels with partial-product scaling against the table's
 # float32 dequantization: NF4 dx won (in the table now), NF4 fwd and uniform
 # 4-bit lost. Nothing queued: the training rows run only when this is set.
 PROBE_TRAIN = ()
 # M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
-# tiles (`tuning._prefill`); their neighbours lost in session 9's probe
-# (..._run11.json). NF4 dx takes the training winner (PTX levels, dy
-# scaled) there untimed: checked against the select tree.
+# tiles (`tuning._prefill`); their neighbours lost in probe 11
+# (..._run11.json). NF4 dx with the training winner (PTX levels, dy scaled)
+# beat the select tree there in probe 12 (65.5 vs 102.9 us at 4096^2).
 MID_M = 256
 PROBE_MID_FWD = ()
 PROBE_MID_DX = ()
-PROBE_MID_NF4_DX = ({"unpack": "jnp", "scale_mode": "weights"},)
+PROBE_MID_NF4_DX = ()
 
 
 def _probe_label(kind: str, overrides: dict | None) -> str:

@@ -241,15 +241,21 @@ _PTX_DECODE = {("fwd", 4): dict(block_n=32, num_warps=2),
 _DECODE_3BIT = {"fwd": dict(num_stages=2), "dx": dict(block_n=128)}
 
 # Codebook (NF4) levels by the PTX byte-permute lookup (tiles.level_planes),
-# session 9's probe (..._run11.json, QLoRA's double-quantized NF4): decode
-# fwd with the 4-bit geometry, 27.7 -> 12.9 us (4096^2, M = 1) and 68.0 ->
-# 23.8 us (11008x4096); training dx (M = 2048) with the levels exact and
-# the dy tile scaled ("activations"), 385.7 -> 230.4 us and 1021.5 ->
-# 595.9 us. Training fwd stays on the select tree: 359.7 -> 430.6 us with
-# PTX levels and scaled partial products (uniform 4-bit lost at both
-# training ops too: fwd 154.0 -> 386.3, dx 205.7 -> 300.5 us).
+# session 9's probes 11 and 12 (..._run11.json, _run12.json; QLoRA's
+# double-quantized NF4, 4096^2 / 11008x4096): decode fwd with the 4-bit
+# geometry split 8 ways, 27.7 -> 12.4 us (M = 1) and 68.0 -> 23.1 us
+# (split 4: 12.9 / 23.9); decode dx with 4-bit dx's geometry, 37.8 -> 17.5
+# and 89.9 -> 36.0 us (the lookup alone: 22.9 / 51.7); training dx
+# (M = 2048) with the levels exact and the dy tile scaled ("activations"),
+# 385.7 -> 230.4 us and 1021.5 -> 595.9 us, and at M = 256 with the prefill
+# tiles 102.9 -> 65.5 and 256.3 -> 162.9 us. Training fwd stays on the
+# select tree: 359.7 -> 430.6 us with PTX levels and scaled partial
+# products (uniform 4-bit lost at both training ops too: fwd 154.0 ->
+# 386.3, dx 205.7 -> 300.5 us).
 _PTX_CODEBOOK = {("fwd", "decode"): dict(unpack="ptx", block_n=32,
-                                         num_warps=2),
+                                         num_warps=2, split_k=8),
+                 ("dx", "decode"): dict(unpack="ptx", block_k=64,
+                                        block_n=128),
                  ("dx", "train"): dict(unpack="ptx",
                                        scale_mode="activations")}
 
@@ -311,7 +317,7 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
   3-bit decode has its own geometry (`_DECODE_3BIT`); codebook codes with
   16-bit activations take the PTX lookup where session 9 measured it faster
-  (`_PTX_CODEBOOK`: decode fwd, training / prefill dx).
+  (`_PTX_CODEBOOK`: decode, training / prefill dx).
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")

@@ -483,7 +483,7 @@ def test_choose_takes_the_probe_winners(op):
                                (4, jnp.bfloat16, 4096, "jnp")]:
     cfg = tuning.choose(op, m, 4096, 4096, bits, dtype=dtype)
     assert (cfg.unpack, cfg.lookup) == (want, "gather"), (bits, dtype, m)
-  ptx_codebook = {"fwd": (1, 16), "dx": (256, 4096)}[op]
+  ptx_codebook = {"fwd": (1, 16), "dx": (1, 16, 256, 4096)}[op]
   for m in (1, 16, 256, 4096):
     cfg = tuning.choose(op, m, 4096, 4096, 4, codebook=True,
                         dtype=jnp.bfloat16)
@@ -501,7 +501,8 @@ def test_decode_geometry_is_the_probe_winners():
   the table's 64 / 4; dx takes a 64-word tile (and splits toward
   DECODE_TARGET_PROGRAMS from it), 4-bit dx 128-row steps. 3-bit fwd
   decode pipelines two stages deep, other widths and prefill three; 3-bit
-  dx decode takes 128-row steps, NF4 fwd decode the 4-bit geometry."""
+  dx decode takes 128-row steps, NF4 decode the 4-bit geometry (fwd split
+  8 ways)."""
   for bits, want in ((4, (32, 2)), (2, (64, 4))):
     cfg = tuning.choose("fwd", 1, 11008, 4096, bits, dtype=jnp.bfloat16)
     assert (cfg.block_n, cfg.num_warps, cfg.split_k) == (*want, 4), bits
@@ -519,7 +520,10 @@ def test_decode_geometry_is_the_probe_winners():
   assert (dx3.num_stages, dx3.block_n) == (3, 128)
   nf4 = tuning.choose("fwd", 1, 4096, 4096, 4, codebook=True,
                       dtype=jnp.bfloat16)
-  assert (nf4.block_n, nf4.num_warps, nf4.split_k) == (32, 2, 4)
+  assert (nf4.block_n, nf4.num_warps, nf4.split_k) == (32, 2, 8)
+  nf4_dx = tuning.choose("dx", 1, 4096, 4096, 4, codebook=True,
+                         dtype=jnp.bfloat16)
+  assert (nf4_dx.block_k, nf4_dx.block_n) == (64, 128)
 
 
 def test_prefill_takes_the_probe_winners():
