@@ -511,7 +511,11 @@ def run_sweep(timer, deadline, workers):
 # subtracted once per output element instead of per weight 26-70 % at
 # 4-bit (probe 10, _run10.json). None is left to try at M = 1 within the
 # knobs Triton exposes.
-PROBE_FWD = ()
+# Session 9's per-kernel breakdown (decode_breakdown_h100_2026-11-27.json):
+# XLA's sum of the split partials costs 1.2-1.4 us per call, and 4-bit fwd
+# at 11008x4096 (344 output tiles) ran 16.4 us unsplit against 17.0 split
+# 4 ways; 4096^2 (128 tiles) needs the split (11.4 vs 8.3 us).
+PROBE_FWD = ({"split_k": 1}, {"split_k": 2})
 PROBE_DX = ()
 PROBE_3BIT = ()
 # 3-bit dx decode: session 9's probe 11 (..._run11.json) moved it to

@@ -53,7 +53,10 @@ class TuningConfig:
         levels); fwd scales the float32 partial product of each group,
         `acc += s * (x @ (q - z)^T)`, dx scales the dy tile, `(dy * s) @ (q -
         z)`: O(block_m * block_n) multiplies instead of O(block_n * block_k),
-        cheaper for small M.
+        cheaper for small M. Codebook levels enter the matrix unit rounded
+        to the activation dtype, one rounding per level shared by every
+        weight with that code (not averaged out by the contraction), so
+        `choose` takes it for codebooks at decode only (`_PTX_CODEBOOK`).
     group_m: programs along M that share one weight column tile before moving
       on (L2 reuse, fwd only).
     split_k: upper bound on the programs that share one output tile, each
@@ -245,19 +248,23 @@ _DECODE_3BIT = {"fwd": dict(num_stages=2), "dx": dict(block_n=128)}
 # double-quantized NF4, 4096^2 / 11008x4096): decode fwd with the 4-bit
 # geometry split 8 ways, 27.7 -> 12.4 us (M = 1) and 68.0 -> 23.1 us
 # (split 4: 12.9 / 23.9); decode dx with 4-bit dx's geometry, 37.8 -> 17.5
-# and 89.9 -> 36.0 us (the lookup alone: 22.9 / 51.7); training dx
-# (M = 2048) with the levels exact and the dy tile scaled ("activations"),
-# 385.7 -> 230.4 us and 1021.5 -> 595.9 us, and at M = 256 with the prefill
-# tiles 102.9 -> 65.5 and 256.3 -> 162.9 us. Training fwd stays on the
-# select tree: 359.7 -> 430.6 us with PTX levels and scaled partial
-# products (uniform 4-bit lost at both training ops too: fwd 154.0 ->
-# 386.3, dx 205.7 -> 300.5 us).
+# and 89.9 -> 36.0 us (the lookup alone: 22.9 / 51.7).
+# Not taken, on accuracy: training dx (M = 2048) with the PTX levels and the
+# dy tile scaled ("activations") was 1.7x faster (385.7 -> 230.4 us,
+# 1021.5 -> 595.9 us) and its output error matched (2.6e-3), but QLoRA's
+# training check failed with it (pallas_training_h100_2026-11-27_run4_
+# rejected.json: first-batch LoRA gradient 1.8e-2 from XLA's against the
+# 1e-2 bound and 4.9e-3 with the "weights" mode). That mode rounds each
+# weight `level * s` to bf16 once; this one rounds each of the 16 levels
+# once, an error shared by every weight with that code, which sums over
+# the contraction instead of averaging out. Decode keeps it: its rows are
+# inference-sized, and the select tree's decode path rounds the levels the
+# same way. Training fwd lost on speed (359.7 -> 430.6 us; uniform 4-bit
+# lost at both training ops: fwd 154.0 -> 386.3, dx 205.7 -> 300.5 us).
 _PTX_CODEBOOK = {("fwd", "decode"): dict(unpack="ptx", block_n=32,
                                          num_warps=2, split_k=8),
                  ("dx", "decode"): dict(unpack="ptx", block_k=64,
-                                        block_n=128),
-                 ("dx", "train"): dict(unpack="ptx",
-                                       scale_mode="activations")}
+                                        block_n=128)}
 
 
 # Prefill (TRAIN_MIN_M <= M < PREFILL_MAX_M) keeps the training class's
@@ -316,8 +323,7 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   unpacks in PTX: 4-bit fwd 10.9 -> 9.9 us (4096^2) and 22.9 -> 19.7 us
   (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
   3-bit decode has its own geometry (`_DECODE_3BIT`); codebook codes with
-  16-bit activations take the PTX lookup where session 9 measured it faster
-  (`_PTX_CODEBOOK`: decode, training / prefill dx).
+  16-bit activations take the PTX lookup at decode (`_PTX_CODEBOOK`).
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
