@@ -535,8 +535,9 @@ PROBE_NF4_DX = ()
 PROBE_TRAIN = ()
 # M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
 # tiles (`tuning._prefill`); their neighbours lost in probe 11
-# (..._run11.json). NF4 dx with the training winner (PTX levels, dy scaled)
-# beat the select tree there in probe 12 (65.5 vs 102.9 us at 4096^2).
+# (..._run11.json). NF4 dx with PTX levels and dy scaled beat the select
+# tree there in probe 12 (65.5 vs 102.9 us at 4096^2) but is not taken: it
+# failed QLoRA's training check on accuracy (tuning._PTX_CODEBOOK).
 MID_M = 256
 PROBE_MID_FWD = ()
 PROBE_MID_DX = ()
