@@ -511,11 +511,12 @@ def run_sweep(timer, deadline, workers):
 # subtracted once per output element instead of per weight 26-70 % at
 # 4-bit (probe 10, _run10.json). None is left to try at M = 1 within the
 # knobs Triton exposes.
-# Session 9's per-kernel breakdown (decode_breakdown_h100_2026-11-27.json):
-# XLA's sum of the split partials costs 1.2-1.4 us per call, and 4-bit fwd
-# at 11008x4096 (344 output tiles) ran 16.4 us unsplit against 17.0 split
-# 4 ways; 4096^2 (128 tiles) needs the split (11.4 vs 8.3 us).
-PROBE_FWD = ({"split_k": 1}, {"split_k": 2})
+# Session 9's per-kernel breakdown (decode_breakdown_h100_2026-11-27.json:
+# XLA's sum of the split partials costs 1.2-1.4 us per call) led to probe
+# 13 (..._run13.json), splits 1 and 2: 4-bit fwd now splits toward
+# `tuning.FWD4_TARGET_PROGRAMS` (11008x4096 split 2, 17.1 -> 15.1 us); 2-bit
+# keeps split 4 (split 2: 11.0 / 20.7 us against 8.9 / 16.4).
+PROBE_FWD = ()
 PROBE_DX = ()
 PROBE_3BIT = ()
 # 3-bit dx decode: session 9's probe 11 (..._run11.json) moved it to

@@ -236,6 +236,15 @@ _PTX_DECODE = {("fwd", 4): dict(block_n=32, num_warps=2),
                ("dx", 4): dict(block_k=64, block_n=128),
                ("dx", 2): dict(block_k=64)}
 
+# 4-bit fwd decode splits its contraction only as far as it needs to reach
+# FWD4_TARGET_PROGRAMS programs (at most the table's 4). Session 9's probe
+# 13 (kernels_probe_h100_2026-11-27_run13.json, M = 1): 11008x4096 (344
+# output tiles of 32 rows) 17.1 us split 4, 15.1 split 2, 16.4 unsplit;
+# 4096^2 (128 tiles) 8.2 us split 4, 8.8 split 2, 11.4 unsplit. XLA's sum
+# of the partials costs 1.2-1.4 us a call (decode_breakdown_h100_2026-11-27
+# .json), so fewer splits pay once the GPU is full without them.
+FWD4_TARGET_PROGRAMS = 512
+
 # 3-bit decode (8 planes per 3-byte word, unpacked in jnp): fwd with two
 # pipeline stages instead of three, 15.6 -> 12.5 us (4096^2) and 37.9 ->
 # 28.8 us (11008x4096) in session 8's probes (..._run5.json and _run6.json);
@@ -323,7 +332,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   unpacks in PTX: 4-bit fwd 10.9 -> 9.9 us (4096^2) and 22.9 -> 19.7 us
   (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
   3-bit decode has its own geometry (`_DECODE_3BIT`); codebook codes with
-  16-bit activations take the PTX lookup at decode (`_PTX_CODEBOOK`).
+  16-bit activations take the PTX lookup at decode (`_PTX_CODEBOOK`); 4-bit
+  fwd decode splits toward FWD4_TARGET_PROGRAMS programs.
   """
   if op not in ("fwd", "dx"):
     raise ValueError(f"op must be 'fwd' or 'dx', got {op!r}")
@@ -343,6 +353,12 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   if cls != "decode":
     cfg = dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))
     return _prefill(cfg, op, m, n) if m < PREFILL_MAX_M else cfg
+  if op == "fwd" and cfg.unpack == "ptx" and bits == 4 and not codebook:
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    split = 1
+    while split < cfg.split_k and tiles * split < FWD4_TARGET_PROGRAMS:
+      split *= 2
+    return dataclasses.replace(cfg, split_k=split)
   if op == "fwd":
     return cfg
   tiles = max(1, (k // cpw) // cfg.block_k)

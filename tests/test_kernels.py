@@ -496,15 +496,17 @@ def test_choose_takes_the_probe_winners(op):
 
 
 def test_decode_geometry_is_the_probe_winners():
-  """With PTX unpacking: fwd 4-bit takes 32-row programs of 2 warps, 2-bit
-  the table's 64 / 4; dx takes a 64-word tile (and splits toward
+  """With PTX unpacking: fwd 4-bit takes 32-row programs of 2 warps, split
+  toward FWD4_TARGET_PROGRAMS programs (at most 4 ways), 2-bit the table's
+  64 / 4 split 4 ways; dx takes a 64-word tile (and splits toward
   DECODE_TARGET_PROGRAMS from it), 4-bit dx 128-row steps. 3-bit fwd
   decode pipelines two stages deep, other widths and prefill three; 3-bit
   dx decode takes 128-row steps, NF4 decode the 4-bit geometry (fwd split
   8 ways)."""
-  for bits, want in ((4, (32, 2)), (2, (64, 4))):
-    cfg = tuning.choose("fwd", 1, 11008, 4096, bits, dtype=jnp.bfloat16)
-    assert (cfg.block_n, cfg.num_warps, cfg.split_k) == (*want, 4), bits
+  for bits, n, want in ((4, 4096, (32, 2, 4)), (4, 11008, (32, 2, 2)),
+                        (4, 40960, (32, 2, 1)), (2, 11008, (64, 4, 4))):
+    cfg = tuning.choose("fwd", 1, n, 4096, bits, dtype=jnp.bfloat16)
+    assert (cfg.block_n, cfg.num_warps, cfg.split_k) == want, (bits, n)
   for bits, block_n in ((2, 256), (4, 128)):
     dx = tuning.choose("dx", 16, 4096, 4096, bits, dtype=jnp.float16)
     assert (dx.block_k, dx.block_n) == (64, block_n), bits
