@@ -185,11 +185,15 @@ def main():
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   ap.add_argument("--lower_only", action="store_true",
                   help="lower every config for CUDA (no GPU needed)")
+  ap.add_argument("--codes", choices=("all", "unsigned", "signed"),
+                  default="all", help="which configs to run")
   args = ap.parse_args()
+  chosen = [c for c in configs()
+            if args.codes == "all" or c.signed == (args.codes == "signed")]
   if args.lower_only:
     n, k = SHAPES[0]
     x = jax.ShapeDtypeStruct((TOKENS, k), jnp.bfloat16)
-    for cfg in configs():
+    for cfg in chosen:
       q = jax.ShapeDtypeStruct((n, k // 2),
                                jnp.int8 if cfg.signed else jnp.uint8)
       f = jax.jit(functools.partial(skeleton, cfg=cfg))
@@ -205,7 +209,7 @@ def main():
     x_scaled = prescale(x)
     signed_qs = [as_signed(q) for q in qs]
     refs = {False: reference(x, qs[0]), True: reference(x, signed_qs[0])}
-    for cfg in configs():
+    for cfg in chosen:
       row = dict(N=n, K=k, config=dataclasses.asdict(cfg))
       cq = signed_qs if cfg.signed else qs
       ref = refs[cfg.signed]
