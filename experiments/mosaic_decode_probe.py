@@ -46,7 +46,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ROWS = 64          # weight rows per program: wgmma's M
-TOKENS = 16        # activation rows (M = 1 padded): wgmma's N
+TOKENS = 16        # activation rows (M = 1 padded): wgmma's N (or 8)
 SHAPES = ((4096, 4096), (11008, 4096))
 
 
@@ -56,6 +56,7 @@ class Config:
   split: int = 4           # programs sharing one row block's contraction
   stages: int = 4          # TMA steps in flight
   signed: bool = False     # codes stored as int8 (see `skeleton`)
+  tokens: int = TOKENS     # padded activation rows, wgmma's N: 16 or 8
 
 
 def configs() -> list[Config]:
@@ -66,7 +67,9 @@ def configs() -> list[Config]:
   signed = [Config(kb, s, st, True) for kb, s, st in
             ((64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 4),
              (64, 16, 2))]
-  return unsigned + signed
+  eight = [Config(kb, s, 2, True, 8) for kb, s in
+           ((64, 8), (128, 4), (128, 8), (256, 4))]
+  return unsigned + signed + eight
 
 
 def _tiled(dtype, minor_bytes: int):
@@ -78,7 +81,8 @@ def _tiled(dtype, minor_bytes: int):
 
 
 def skeleton(x: jax.Array, codes: jax.Array, cfg: Config) -> jax.Array:
-  """`(TOKENS, K) bf16, (N, K/2) uint8 -> (TOKENS, N) float32`, no scales.
+  """`(T, K) bf16, (N, K/2) uint8 -> (T, N) float32`, no scales; T =
+  `cfg.tokens`.
 
   x's columns K/2.. must come scaled by 1/16 (`prescale`). With
   `cfg.signed` the codes come as int8 (`as_signed`): Mosaic GPU converts
@@ -87,7 +91,10 @@ def skeleton(x: jax.Array, codes: jax.Array, cfg: Config) -> jax.Array:
   unsigned ones go through a float conversion per element."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   n, kw = codes.shape
-  kb, split = cfg.block_kb, cfg.split
+  kb, split, tokens = cfg.block_kb, cfg.split, cfg.tokens
+  if x.shape != (tokens, 2 * kw):
+    raise ValueError(f"x must be ({tokens}, {2 * kw}) for these codes and "
+                     f"tokens={tokens}, got {x.shape}")
   if n % ROWS or kw % (kb * split):
     raise ValueError(f"N={n} must divide by {ROWS} and K/2={kw} by "
                      f"block_kb * split = {kb * split}")
@@ -114,16 +121,16 @@ def skeleton(x: jax.Array, codes: jax.Array, cfg: Config) -> jax.Array:
     first = part * steps
 
     @functools.partial(pl.run_scoped,
-                       acc_ref=plgpu.ACC((ROWS, TOKENS), jnp.float32))
+                       acc_ref=plgpu.ACC((ROWS, tokens), jnp.float32))
     def _(acc_ref):
       plgpu.emit_pipeline(
           body, grid=(steps,),
           in_specs=[
               plgpu.BlockSpec((ROWS, kb), lambda t: (row_block, first + t),
                               transforms=_tiled(codes.dtype, kb)),
-              plgpu.BlockSpec((TOKENS, kb), lambda t: (0, first + t),
+              plgpu.BlockSpec((tokens, kb), lambda t: (0, first + t),
                               transforms=_tiled(jnp.bfloat16, 2 * kb)),
-              plgpu.BlockSpec((TOKENS, kb),
+              plgpu.BlockSpec((tokens, kb),
                               lambda t: (0, planes + first + t),
                               transforms=_tiled(jnp.bfloat16, 2 * kb)),
           ],
@@ -138,10 +145,10 @@ def skeleton(x: jax.Array, codes: jax.Array, cfg: Config) -> jax.Array:
 
   partials = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((split, n, TOKENS), jnp.float32),
+      out_type=jax.ShapeDtypeStruct((split, n, tokens), jnp.float32),
       grid=(n // ROWS, split),
       grid_names=("rows", "split"),
-      scratch_types=dict(out_smem=plgpu.SMEM((ROWS, TOKENS), jnp.float32)),
+      scratch_types=dict(out_smem=plgpu.SMEM((ROWS, tokens), jnp.float32)),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )(codes, x, x)
@@ -171,9 +178,9 @@ def reference(x: jax.Array, codes: jax.Array) -> jax.Array:
   return x.astype(jnp.float32) @ w.T
 
 
-def _inputs(key, n, k, copies):
+def _inputs(key, n, k, copies, tokens=TOKENS):
   kx, kq = jax.random.split(key)
-  x = jax.random.normal(kx, (TOKENS, k), jnp.bfloat16)
+  x = jax.random.normal(kx, (tokens, k), jnp.bfloat16)
   x = x.at[1:].set(0)  # M = 1, padded
   qs = [jax.random.randint(kk, (n, k // 2), 0, 256, jnp.int32).astype(
       jnp.uint8) for kk in jax.random.split(kq, copies)]
@@ -187,13 +194,16 @@ def main():
                   help="lower every config for CUDA (no GPU needed)")
   ap.add_argument("--codes", choices=("all", "unsigned", "signed"),
                   default="all", help="which configs to run")
+  ap.add_argument("--tokens", type=int, choices=(0, 8, 16), default=0,
+                  help="only the configs with this many token rows (0: all)")
   args = ap.parse_args()
   chosen = [c for c in configs()
-            if args.codes == "all" or c.signed == (args.codes == "signed")]
+            if (args.codes == "all" or c.signed == (args.codes == "signed"))
+            and args.tokens in (0, c.tokens)]
   if args.lower_only:
     n, k = SHAPES[0]
-    x = jax.ShapeDtypeStruct((TOKENS, k), jnp.bfloat16)
     for cfg in chosen:
+      x = jax.ShapeDtypeStruct((cfg.tokens, k), jnp.bfloat16)
       q = jax.ShapeDtypeStruct((n, k // 2),
                                jnp.int8 if cfg.signed else jnp.uint8)
       f = jax.jit(functools.partial(skeleton, cfg=cfg))
@@ -212,14 +222,15 @@ def main():
     for cfg in chosen:
       row = dict(N=n, K=k, config=dataclasses.asdict(cfg))
       cq = signed_qs if cfg.signed else qs
-      ref = refs[cfg.signed]
+      ref = refs[cfg.signed][:cfg.tokens]
+      xt = x_scaled[:cfg.tokens]  # rows 1.. are zeros
       try:
         f = jax.jit(lambda x, qs, cfg=cfg: [skeleton(x, q, cfg) for q in qs])
-        compiled = f.lower(x_scaled, cq).compile()
-        got = jax.jit(functools.partial(skeleton, cfg=cfg))(x_scaled, cq[0])
+        compiled = f.lower(xt, cq).compile()
+        got = jax.jit(functools.partial(skeleton, cfg=cfg))(xt, cq[0])
         row["rel_err"] = float(jnp.linalg.norm(got - ref)
                                / jnp.linalg.norm(ref))
-        row["us"] = timer(compiled, (x_scaled, cq), len(cq)) * 1e3
+        row["us"] = timer(compiled, (xt, cq), len(cq)) * 1e3
       except Exception as e:  # pylint: disable=broad-except
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         row["traceback"] = traceback.format_exc()[-2500:]

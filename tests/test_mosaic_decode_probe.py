@@ -36,8 +36,9 @@ def test_reference_reads_planar_nibbles_and_signed_codes():
 
 def test_skeleton_lowers_for_cuda():
   n, k = 128, 512
-  x = jax.ShapeDtypeStruct((probe.TOKENS, k), jnp.bfloat16)
-  for cfg in (probe.Config(64, 2, 2), probe.Config(128, 2, 2, True)):
+  for cfg in (probe.Config(64, 2, 2), probe.Config(128, 2, 2, True),
+              probe.Config(128, 2, 2, True, 8)):
+    x = jax.ShapeDtypeStruct((cfg.tokens, k), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((n, k // 2), jnp.int8 if cfg.signed
                              else jnp.uint8)
     lowered = jax.jit(lambda x, q, cfg=cfg: probe.skeleton(x, q, cfg)).trace(
@@ -47,11 +48,13 @@ def test_skeleton_lowers_for_cuda():
 
 def test_skeleton_refuses_shapes_it_cannot_tile():
   x = jnp.zeros((probe.TOKENS, 512), jnp.bfloat16)
-  for n, kw in ((96, 256), (128, 192)):
+  for n, kw, rows, message in ((96, 256, 16, "must divide"),
+                               (128, 192, 16, "must divide"),
+                               (128, 256, 8, "x must be")):
     q = jnp.zeros((n, kw), jnp.uint8)
     try:
-      probe.skeleton(x[:, :2 * kw], q, probe.Config(64, 2, 2))
+      probe.skeleton(x[:rows, :2 * kw], q, probe.Config(64, 2, 2))
     except ValueError as e:
-      assert "must divide" in str(e)
+      assert message in str(e)
     else:
       raise AssertionError(f"N={n}, K/2={kw} was accepted")
