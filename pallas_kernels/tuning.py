@@ -5,8 +5,9 @@ A `TuningConfig` is static (frozen, hashable): one compiled kernel per config.
 on an H100 (WORKSPACE.md section 4, experiments/results/kernels_h100_*):
 decode (M <= 16) should be bound by the bytes of the packed weight, so its
 tiles are thin in M and narrow in N and the contraction is split over several
-programs (fwd: 4, as measured best; dx: until about a thousand programs share
-the GPU); prefill / training (M >= 256) should be bound by the matrix units,
+programs (fwd: up to 4, as measured best, fewer once the output tiles fill
+the GPU; dx: until about a thousand programs share the GPU); prefill /
+training (M >= 256) should be bound by the matrix units,
 so its tiles are the large ones of a bf16 GEMM.
 
 Word tiles. The kernels walk K in tiles of `block_k` packed *words* per plane
