@@ -13,8 +13,10 @@ at M <= 16 on the GPU) and forced through XLA's dequantize-then-matmul.
 Random weights built on the device (bench_models.build_params). Reported
 per step: CUPTI kernel time summed (bench_kernels.Timer, median of 7) and
 wall-clock time of a jitted step in a Python loop (median of 20, dispatch
-included); the logits of each default run against its XLA run (relative
-error) so a fast wrong path shows. Writes $OUT/decode_<gpu>_<date>.json.
+included); the costliest kernels by name (CUPTI, per step), which shows
+whatever the step spends beyond streaming the weights; the logits of each
+default run against its XLA run (relative error) so a fast wrong path
+shows. Writes $OUT/decode_<gpu>_<date>.json.
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ VARIANTS = {
 }
 
 
+def top_kernels(compiled, args, count: int = 15) -> list | None:
+  """The step's `count` costliest kernel names with their summed
+  microseconds per step (CUPTI; None where it is unavailable): where the
+  step's time goes beyond the weight-streaming matmuls."""
+  from experiments import decode_breakdown  # pylint: disable=g-import-not-at-top
+  try:
+    per_name = decode_breakdown.per_kernel_us(compiled, args, calls=1)
+  except RuntimeError as e:  # no CUPTI (CPU)
+    print("per-kernel times unavailable:", e)
+    return None
+  return sorted(per_name.items(), key=lambda kv: -kv[1])[:count]
+
+
 def time_variant(name: str, config, context: int, timer) -> tuple[dict, object]:
   """Builds the variant's weights, times one decode step; (row, logits)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -67,7 +82,8 @@ def time_variant(name: str, config, context: int, timer) -> tuple[dict, object]:
   row = dict(variant=name, method=method, matmul_implementation=impl,
              kernel_ms=kernel_ms, wall_ms=statistics.median(walls),
              layer_weight_bytes=int(weight_bytes),
-             finite=bool(jnp.isfinite(logits).all()))
+             finite=bool(jnp.isfinite(logits).all()),
+             top_kernels_us=top_kernels(compiled, (params, token, cache)))
   del params, cache
   return row, logits.astype(jnp.float32)
 

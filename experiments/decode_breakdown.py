@@ -42,9 +42,12 @@ BITS = (4, 2, "nf4")
 
 
 def per_kernel_us(fn, args, calls: int, iters: int = 7) -> dict[str, float]:
-  """Median over `iters` of each kernel name's summed time, per call."""
+  """Median over `iters` of each kernel name's summed time, per call.
+
+  `fn`: a function of `args` (compiled here) or an already compiled one."""
   from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = (fn if isinstance(fn, jax.stages.Compiled)
+              else jax.jit(fn).lower(*args).compile())
   _, timings = profiler.measure(compiled, aggregate=False,
                                 iterations=iters)(*args)
   per_name = collections.defaultdict(list)

@@ -14,7 +14,7 @@ Rows of dy past M and weight rows past N are masked (read as 0). With
 one slice of N, and XLA sums their float32 partials `(S, M, K)` (or, with
 `split_reduce="kernel"`, the last program of each tile does). With
 `prefetch = D` the loop carries the next D steps' loads, `lookup` picks
-how codebook levels are formed and `unpack` how 2/4-bit codes are unpacked
+how codebook levels are formed and `unpack` how 2/3/4-bit codes are unpacked
 (see qmatmul_fwd and tiles).
 """
 
@@ -70,7 +70,7 @@ def _dx_kernel(dy_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
     if ptx is None:
       codes = tiles.assemble_words(byte_tiles)
     else:  # unpack="ptx": every plane's `bias + q` (or levels) tile at once
-      codes = tiles.unpacked_planes(byte_tiles[0], layout, dtype, ptx)
+      codes = tiles.unpacked_planes(byte_tiles, layout, dtype, ptx)
     new = []
     for i, acc in enumerate(accs):
       s, z = tiles.group_params(*params_of_plane(i))

@@ -39,7 +39,7 @@ Codebook codes (NF4) become their levels by a gather from a 16-entry
 operand or by a select tree on constants (`TuningConfig(lookup=...)`, see
 tiles); the outputs are bitwise equal.
 
-Unpacking (`TuningConfig(unpack="ptx")`, uniform 2/4-bit or NF4,
+Unpacking (`TuningConfig(unpack="ptx")`, uniform 2/3/4-bit or NF4,
 "activations" scale mode): the planes' exact codes (or levels) come from
 inline PTX working on four bytes per register (tiles.py) instead of one
 code per 32-bit lane.
@@ -114,7 +114,7 @@ def _fwd_kernel(x_ref, *refs, m: int, layout: tiles.Layout, bm: int, bn: int,
     if ptx is None:
       codes = tiles.assemble_words(byte_tiles)
     else:  # unpack="ptx": every plane's `bias + q` (or levels) tile at once
-      codes = tiles.unpacked_planes(byte_tiles[0], layout, dtype, ptx)
+      codes = tiles.unpacked_planes(byte_tiles, layout, dtype, ptx)
     for i in range(layout.planes):
       x, raw = inputs_of_plane(i)
       s, z = tiles.group_params(*raw)

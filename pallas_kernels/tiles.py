@@ -33,7 +33,7 @@ over the code's bits, low bit first,
 
 `2**bits - 1` selects on constants (15 for NF4), with no codebook operand.
 
-2- and 4-bit codes can also be unpacked four bytes at a time in PTX
+2-, 3- and 4-bit codes can also be unpacked four bytes at a time in PTX
 (`TuningConfig.unpack="ptx"`, the trick of FasterTransformer's and Marlin's
 int4 kernels): for a 32-bit register holding bytes b0..b3,
 
@@ -43,7 +43,10 @@ int4 kernels): for a 32-bit register holding bytes b0..b3,
 gives two 16-bit floats `bias + code` per instruction (`mask2`, `pattern2`:
 the code mask and the bf16 / f16 pattern above in both 16-bit halves): one
 plane's 4 codes cost 4 instructions (6 with the shift) instead of about 6
-per code on 32-bit lanes. One asm block per plane (each has one result:
+per code on 32-bit lanes. 3-bit words span three byte planes (one register
+each); a plane whose code crosses a byte boundary (planes 2 and 5) is first
+paired into 16-bit lanes as `prmt(b_t, b_t+1, 0x5140)`, so the same shift
+and lop3 apply. One asm block per plane (each has one result:
 Pallas lowers multi-result inline asm wrongly in jax 0.10). `biased_planes`
 holds both forms; the Pallas interpreter, which cannot run PTX, takes the
 jnp one (same values).
@@ -290,30 +293,47 @@ def unbias(v: jax.Array, z: jax.Array | None, layout: Layout) -> jax.Array:
   return v - _biased_16(z, v.dtype)[:, None]
 
 
+PTX_UNIFORM_BITS = (2, 3, 4)  # uniform code widths the PTX unpacks
+
+
 def ptx_unpack_supported(layout: Layout, dtype) -> bool:
   """Whether `unpacked_planes(..., ptx=True)` handles this weight / dtype:
-  uniform 2/4-bit codes or 16-level codebooks, 16-bit activations."""
+  uniform 2/3/4-bit codes or 16-level codebooks, 16-bit activations."""
   if jnp.dtype(dtype) not in _MAGIC_16:
     return False
   if layout.codebook is not None:
     return layout.bits == 4 and len(layout.codebook) == 16
-  return layout.bits in tuning_lib.PTX_BITS
+  return layout.bits in PTX_UNIFORM_BITS
 
 
 def _unpack_ptx(bits: int, pattern: int, plane: int) -> tuple[str, str]:
-  """PTX (and its constraints) turning 4 packed bytes into plane `plane`'s
-  `bias + code`: four 16-bit floats in two registers."""
+  """PTX (and its constraints) turning packed bytes into plane `plane`'s
+  `bias + code`: four 16-bit floats in two registers.
+
+  2/4-bit: one register of 4 one-byte words ($2). 3-bit: the three byte
+  planes of 4 three-byte words ($2, $3, $4: bits 0-7, 8-15, 16-23). Plane
+  i's code sits at bit `3i` of the 24-bit word: in one byte (shift within
+  it) or, for planes 2 and 5, across two, which the byte permute pairs into
+  each 16-bit lane (`{byte t+1, byte t}`) before the shift.
+  """
   mask2 = ((1 << bits) - 1) * 0x10001
   pattern2 = pattern * 0x10001
+  first_bit = plane * bits
+  if bits == 3:
+    byte, shift = divmod(first_bit, 8)
+    high = f"${byte + 3}" if shift + bits > 8 else "0"
+    src, inputs = f"${byte + 2}, {high}", "r,r,r"
+  else:
+    shift, src, inputs = first_bit, "$2, 0", "r"
   lines = ["{", ".reg .b32 lo, hi;",
-           "prmt.b32 lo, $2, 0, 0x5140;",
-           "prmt.b32 hi, $2, 0, 0x7362;"]
-  if plane:
-    lines += [f"shr.u32 lo, lo, {plane * bits};",
-              f"shr.u32 hi, hi, {plane * bits};"]
+           f"prmt.b32 lo, {src}, 0x5140;",
+           f"prmt.b32 hi, {src}, 0x7362;"]
+  if shift:
+    lines += [f"shr.u32 lo, lo, {shift};",
+              f"shr.u32 hi, hi, {shift};"]
   lines += [f"lop3.b32 $0, lo, {mask2:#010x}, {pattern2:#010x}, 0xEA;",
             f"lop3.b32 $1, hi, {mask2:#010x}, {pattern2:#010x}, 0xEA;", "}"]
-  return "\n".join(lines), "=r,=r,r"
+  return "\n".join(lines), "=r,=r," + inputs
 
 
 def level_patterns(codebook: tuple[float, ...], dtype) -> tuple[int, ...]:
@@ -372,32 +392,33 @@ def ptx_flag(unpack: str, layout: Layout, dtype, interpret: bool
     return None
   if not ptx_unpack_supported(layout, dtype):
     raise ValueError(
-        f"unpack='ptx' takes uniform 2- or 4-bit codes or 16-level 4-bit "
+        f"unpack='ptx' takes uniform 2-, 3- or 4-bit codes or 16-level 4-bit "
         f"codebooks, and bf16 / f16 activations, got {layout.bits}-bit"
         f"{' codebook' if layout.codebook else ''} codes and {dtype}")
   return not interpret
 
 
-def biased_planes(byte_tile: jax.Array, layout: Layout, dtype,
+def biased_planes(byte_tiles: tuple[jax.Array, ...], layout: Layout, dtype,
                   ptx: bool) -> list[jax.Array]:
-  """The P planes' `bias + code` tiles of one-byte words, in `dtype`.
+  """The P planes' `bias + code` tiles, in `dtype`.
 
-  byte_tile: `(bn, bc)` uint8 (2- or 4-bit codes, B = 1). Returns P
-  `(bn, bc)` tiles of a 16-bit float dtype; `unbias` centres them. `ptx`:
-  the packed PTX of the module docstring (GPU only), else jnp on int32
-  lanes, with the same values.
+  byte_tiles: the B `(bn, bc)` uint8 byte tiles of a word tile (2/4-bit
+  codes: B = 1; 3-bit: B = 3, `load_bytes`). Returns P `(bn, bc)` tiles of
+  a 16-bit float dtype; `unbias` centres them. `ptx`: the packed PTX of the
+  module docstring (GPU only), else jnp on int32 lanes, with the same
+  values.
   """
   if ptx:
     pattern = _MAGIC_16[jnp.dtype(dtype)][0]
-    out = jax.ShapeDtypeStruct(byte_tile.shape, dtype)
+    out = jax.ShapeDtypeStruct(byte_tiles[0].shape, dtype)
     planes = []
     for i in range(layout.planes):
       asm, constraints = _unpack_ptx(layout.bits, pattern, i)
       planes += plt.elementwise_inline_asm(
-          asm, args=[byte_tile], constraints=constraints, pack=4,
+          asm, args=list(byte_tiles), constraints=constraints, pack=4,
           result_shape_dtypes=[out])
     return planes
-  words = byte_tile.astype(jnp.int32)
+  words = assemble_words(byte_tiles)
   return [_biased_16(plane_codes(words, i, layout.bits), dtype)
           for i in range(layout.planes)]
 
@@ -405,8 +426,8 @@ def biased_planes(byte_tile: jax.Array, layout: Layout, dtype,
 def level_planes(byte_tile: jax.Array, layout: Layout, dtype,
                  ptx: bool) -> list[jax.Array]:
   """The 2 planes' codebook levels `(bn, bc)` in a 16-bit float dtype, from
-  4-bit codebook bytes: by PTX lookup (GPU only) or its jnp form (the
-  select tree, then rounding; the same values)."""
+  4-bit codebook bytes (one byte tile): by PTX lookup (GPU only) or its jnp
+  form (the select tree, then rounding; the same values)."""
   if ptx:
     patterns = level_patterns(layout.codebook, dtype)
     out = jax.ShapeDtypeStruct(byte_tile.shape, dtype)
@@ -423,12 +444,13 @@ def level_planes(byte_tile: jax.Array, layout: Layout, dtype,
           for i in range(layout.planes)]
 
 
-def unpacked_planes(byte_tile: jax.Array, layout: Layout, dtype,
-                    ptx: bool) -> list[jax.Array]:
-  """`unpack="ptx"`'s planes: biased codes (uniform) or levels (codebook)."""
+def unpacked_planes(byte_tiles: tuple[jax.Array, ...], layout: Layout,
+                    dtype, ptx: bool) -> list[jax.Array]:
+  """`unpack="ptx"`'s planes from a word tile's byte tiles: biased codes
+  (uniform) or levels (codebook)."""
   if layout.codebook is not None:
-    return level_planes(byte_tile, layout, dtype, ptx)
-  return biased_planes(byte_tile, layout, dtype, ptx)
+    return level_planes(byte_tiles[0], layout, dtype, ptx)
+  return biased_planes(byte_tiles, layout, dtype, ptx)
 
 
 def ptx_weight_tile(plane: jax.Array, z: jax.Array | None,

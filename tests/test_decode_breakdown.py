@@ -5,6 +5,7 @@ GPU)."""
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -33,3 +34,7 @@ def test_per_kernel_us_sums_names_then_takes_medians(monkeypatch):
                                        calls=2, iters=3)
   # per-iteration sums: fused 16, 12, 16 us; reduce 4, 2, 4 us
   assert got == pytest.approx({"fused": 16.0 / 2, "reduce": 4.0 / 2})
+  compiled = jax.jit(lambda a: a + 1).lower(jnp.ones(3)).compile()
+  again = decode_breakdown.per_kernel_us(compiled, (jnp.ones(3),), calls=2,
+                                         iters=3)
+  assert again == got

@@ -214,6 +214,8 @@ class _KernelCases:
   @pytest.mark.parametrize("case,dtype", [
       ((4, 32, False, None, 3, 40, 256), jnp.bfloat16),
       ((2, 64, True, None, 1, 24, 256), jnp.float16),
+      ((3, 32, False, None, 3, 40, 256), jnp.bfloat16),
+      ((3, 64, True, None, 17, 24, 512), jnp.float16),
       ((4, 64, True, "nf4", 3, 40, 256), jnp.bfloat16),
       ((4, 32, True, "nf4", 17, 24, 128), jnp.float16),
   ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else jnp.dtype(v).name)
@@ -627,31 +629,37 @@ def test_ptx_lookup_text_computes_the_levels(dtype):
 
 
 def _assert_ptx_gives(asm_and_constraints, packed, want, dtype):
-  """The PTX block, emulated on the uint32 registers `packed` (4 bytes each),
-  returns exactly `want` `(rows, 4)` in `dtype`, in Triton's packing."""
+  """The PTX block, emulated on the uint32 registers `packed` (4 bytes each;
+  a list: one per input byte tile), returns exactly `want` `(rows, 4)` in
+  `dtype`, in Triton's packing."""
   asm, constraints = asm_and_constraints
-  assert constraints == "=r,=r,r"
-  regs = _emulate_ptx(asm, {"$2": packed})
+  packed = packed if isinstance(packed, list) else [packed]
+  assert constraints == "=r,=r," + ",".join("r" * len(packed))
+  regs = _emulate_ptx(asm, {f"${2 + t}": p for t, p in enumerate(packed)})
   halves = np.stack([regs["$0"], regs["$1"]], axis=1)
   got = halves.view("<u2").view(np.dtype(jnp.dtype(dtype)))
   np.testing.assert_array_equal(got.astype(np.float32),
                                 np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_ptx_unpack_text_computes_the_biased_planes(bits, dtype):
-  """Each plane's PTX, run by an emulator of its three opcodes on random
-  bytes, gives exactly the jnp form's `bias + code`, with Triton's packing
-  (4 bytes in one register, element 0 lowest; four 16-bit results in two
-  registers, elements 0-1 then 2-3)."""
+  """Each plane's PTX, run by an emulator of its opcodes on random bytes,
+  gives exactly the jnp form's `bias + code`, with Triton's packing (4
+  bytes in one register per byte tile, element 0 lowest; four 16-bit
+  results in two registers, elements 0-1 then 2-3). 3-bit: three byte
+  tiles, planes 2 and 5 straddling two of them."""
   layout = tiles.layout_of(_q(bits=bits, group=64, n=4, k=128))
-  byte_rows = np.random.randint(0, 256, (64, 4), dtype=np.uint8)
+  byte_tiles = [np.random.randint(0, 256, (64, 4), dtype=np.uint8)
+                for _ in range(layout.nbytes)]
   pattern = {jnp.dtype(jnp.bfloat16): 0x4300, jnp.dtype(jnp.float16): 0x6400}[
       jnp.dtype(dtype)]
-  packed = byte_rows.view("<u4")[:, 0]
-  want = tiles.biased_planes(jnp.asarray(byte_rows), layout, dtype, ptx=False)
-  for i in range(8 // bits):
+  packed = [b.view("<u4")[:, 0] for b in byte_tiles]
+  want = tiles.biased_planes(tuple(jnp.asarray(b) for b in byte_tiles),
+                             layout, dtype, ptx=False)
+  assert len(want) == layout.planes == {2: 4, 3: 8, 4: 2}[bits]
+  for i in range(layout.planes):
     _assert_ptx_gives(tiles._unpack_ptx(bits, pattern, i), packed, want[i],  # pylint: disable=protected-access
                       dtype)
 
@@ -665,10 +673,13 @@ def test_unpack_is_checked():
     tuning.TuningConfig(unpack="ptx", scale_mode="weights")
   ptx = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
                             scale_mode="activations", unpack="ptx")
-  for w in (_q(bits=3, group=32, k=256), _q(bits=8, group=32)):
+  for w in (_q(bits=8, group=32),):
     x = jnp.ones((2, w.shape[1]), jnp.bfloat16)
-    with pytest.raises(ValueError, match="unpack='ptx' takes uniform 2- or"):
+    with pytest.raises(ValueError, match="unpack='ptx' takes uniform 2-, 3-"):
       kq.fwd(x, w, interpret=True, tuning=ptx)
+  three = tiles.layout_of(_q(bits=3, group=32, k=256))
+  assert tiles.ptx_unpack_supported(three, jnp.float16)
+  assert not tiles.ptx_unpack_supported(three, jnp.float32)
   nf4 = tiles.layout_of(_q(bits=4, group=64, symmetric=True, codebook="nf4"))
   assert tiles.ptx_unpack_supported(nf4, jnp.bfloat16)
   assert not tiles.ptx_unpack_supported(nf4, jnp.float32)
@@ -676,10 +687,11 @@ def test_unpack_is_checked():
 
 def test_gpu_lowering_of_ptx_unpack():
   """`unpack="ptx"` lowers for CUDA (fwd and dx), its PTX inlined: uniform
-  2/4-bit codes and NF4 levels."""
+  2/3/4-bit codes and NF4 levels."""
   n, k = 256, 512
   nf4 = qa.QuantConfig(bits=4, group_size=64, symmetric=True, codebook="nf4")
   for qcfg in (qa.QuantConfig(bits=2, group_size=64),
+               qa.QuantConfig(bits=3, group_size=64),
                qa.QuantConfig(bits=4, group_size=64), nf4):
     w = qa.abstract_qarray((n, k), qcfg)
     cfg = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
