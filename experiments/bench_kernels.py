@@ -522,6 +522,10 @@ PROBE_DX = ()
 # session 9, `tiles._unpack_ptx`; the 2/4-bit PTX took 4-bit fwd decode
 # from 10.9 to 9.9 us in session 7): fwd and dx.
 PROBE_3BIT = ({"unpack": "ptx"},)
+# 8-bit decode (QFT's int8 weights) with the PTX unpacking (prepared in
+# session 9: f16's pattern, or `q - 128` in bf16, `tiles._unpack8_bf16_ptx`);
+# fwd and dx, against the table's int32-lane float conversion.
+PROBE_8BIT = ({"unpack": "ptx"},)
 # 3-bit dx decode: session 9's probe 11 (..._run11.json) moved it to
 # 128-row steps (`tuning._DECODE_3BIT`, 50.7 -> 26.2 us at 4096^2); its
 # neighbours lost or tied in probe 12 (_run12.json: block_n 64 30.5 us, two
@@ -567,7 +571,8 @@ def run_probe(timer, deadline, workers):
   Decode, M = 1, at the two decode acceptance shapes: XLA bf16; the table's
   kernel (`tuning.choose` with bf16 activations) and each `PROBE_FWD`
   variant for 4- and 2-bit fwd, each `PROBE_DX` variant for 4-bit dx and
-  each `PROBE_3BIT` / `PROBE_DX3` variant for 3-bit fwd / dx; NF4
+  each `PROBE_3BIT` / `PROBE_DX3` variant for 3-bit fwd / dx, each
+  `PROBE_8BIT` variant for 8-bit fwd and dx; NF4
   (NF4_DQ) fwd / dx, the table and each `PROBE_NF4` / `PROBE_NF4_DX`
   variant.
   Prefill, M = MID_M: XLA bf16, the table and each `PROBE_MID_FWD` /
@@ -610,6 +615,9 @@ def run_probe(timer, deadline, workers):
       add("fwd", 1, n, k, 3, overrides)
     for overrides in ({},) + PROBE_DX3:
       add("dx", 1, n, k, 3, overrides)
+    for op in ("fwd", "dx"):
+      for overrides in ({},) + PROBE_8BIT:
+        add(op, 1, n, k, 8, overrides)
     for overrides in ({},) + PROBE_NF4:  # QLoRA decode (bitsandbytes' gemv)
       add("fwd", 1, n, k, NF4_DQ, overrides)
     for overrides in ({},) + PROBE_NF4_DX:

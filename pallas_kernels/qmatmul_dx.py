@@ -14,7 +14,7 @@ Rows of dy past M and weight rows past N are masked (read as 0). With
 one slice of N, and XLA sums their float32 partials `(S, M, K)` (or, with
 `split_reduce="kernel"`, the last program of each tile does). With
 `prefetch = D` the loop carries the next D steps' loads, `lookup` picks
-how codebook levels are formed and `unpack` how 2/3/4-bit codes are unpacked
+how codebook levels are formed and `unpack` how uniform codes are unpacked
 (see qmatmul_fwd and tiles).
 """
 

@@ -39,7 +39,7 @@ Codebook codes (NF4) become their levels by a gather from a 16-entry
 operand or by a select tree on constants (`TuningConfig(lookup=...)`, see
 tiles); the outputs are bitwise equal.
 
-Unpacking (`TuningConfig(unpack="ptx")`, uniform 2/3/4-bit or NF4,
+Unpacking (`TuningConfig(unpack="ptx")`, uniform 2/3/4/8-bit or NF4,
 "activations" scale mode): the planes' exact codes (or levels) come from
 inline PTX working on four bytes per register (tiles.py) instead of one
 code per 32-bit lane.

@@ -33,7 +33,7 @@ over the code's bits, low bit first,
 
 `2**bits - 1` selects on constants (15 for NF4), with no codebook operand.
 
-2-, 3- and 4-bit codes can also be unpacked four bytes at a time in PTX
+2-, 3-, 4- and 8-bit codes can also be unpacked four bytes at a time in PTX
 (`TuningConfig.unpack="ptx"`, the trick of FasterTransformer's and Marlin's
 int4 kernels): for a 32-bit register holding bytes b0..b3,
 
@@ -46,7 +46,9 @@ plane's 4 codes cost 4 instructions (6 with the shift) instead of about 6
 per code on 32-bit lanes. 3-bit words span three byte planes (one register
 each); a plane whose code crosses a byte boundary (planes 2 and 5) is first
 paired into 16-bit lanes as `prmt(b_t, b_t+1, 0x5140)`, so the same shift
-and lop3 apply. One asm block per plane (each has one result:
+and lop3 apply. 8-bit codes fit f16's pattern (10 mantissa bits) but not
+bf16's (7): in bf16 they come out as `q - 128` instead
+(`_unpack8_bf16_ptx`), and `unbias` subtracts `z - 128`. One asm block per plane (each has one result:
 Pallas lowers multi-result inline asm wrongly in jax 0.10). `biased_planes`
 holds both forms; the Pallas interpreter, which cannot run PTX, takes the
 jnp one (same values).
@@ -281,24 +283,36 @@ def _biased_16(c: jax.Array, dtype) -> jax.Array:
   return lax.bitcast_convert_type((c | pattern).astype(jnp.int16), dtype)
 
 
+def _bias(bits: int, dtype) -> float:
+  """The offset `biased_planes` adds to `bits`-bit codes in a 16-bit float
+  dtype: the magic pattern's value, or -128 for 8-bit codes in bf16, whose
+  7 mantissa bits cannot hold `128 + q` (they come out as `q - 128`)."""
+  dtype = jnp.dtype(dtype)
+  if bits > _MAGIC_16[dtype][1]:
+    return -128.0
+  return _MAGIC_16[dtype][2]
+
+
 def unbias(v: jax.Array, z: jax.Array | None, layout: Layout) -> jax.Array:
   """`(bias + q) - (bias + z)` = `q - z`, exact, in v's 16-bit dtype.
 
   v: `(bn, bc)` biased codes; z: `(bn,)` int32 zero points or None (the
   implicit zero point).
   """
-  value = _MAGIC_16[v.dtype][2]
+  bias = _bias(layout.bits, v.dtype)
   if z is None:
-    return v - jnp.asarray(value + layout.implicit_zero, v.dtype)
+    return v - jnp.asarray(bias + layout.implicit_zero, v.dtype)
+  if bias < 0:  # 8-bit in bf16: z - 128 is exact, z | pattern is not
+    return v - (z - 128).astype(v.dtype)[:, None]
   return v - _biased_16(z, v.dtype)[:, None]
 
 
-PTX_UNIFORM_BITS = (2, 3, 4)  # uniform code widths the PTX unpacks
+PTX_UNIFORM_BITS = (2, 3, 4, 8)  # uniform code widths the PTX unpacks
 
 
 def ptx_unpack_supported(layout: Layout, dtype) -> bool:
   """Whether `unpacked_planes(..., ptx=True)` handles this weight / dtype:
-  uniform 2/3/4-bit codes or 16-level codebooks, 16-bit activations."""
+  uniform 2/3/4/8-bit codes or 16-level codebooks, 16-bit activations."""
   if jnp.dtype(dtype) not in _MAGIC_16:
     return False
   if layout.codebook is not None:
@@ -334,6 +348,28 @@ def _unpack_ptx(bits: int, pattern: int, plane: int) -> tuple[str, str]:
   lines += [f"lop3.b32 $0, lo, {mask2:#010x}, {pattern2:#010x}, 0xEA;",
             f"lop3.b32 $1, hi, {mask2:#010x}, {pattern2:#010x}, 0xEA;", "}"]
   return "\n".join(lines), "=r,=r," + inputs
+
+
+def _unpack8_bf16_ptx() -> tuple[str, str]:
+  """PTX (and its constraints) turning 4 bytes (8-bit codes) into `q - 128`
+  in bf16, two registers: the top bit flipped (`q ^ 0x80`), each byte put
+  under a bf16 exponent of 128 (`prmt` with 0x43), the byte's top bit,
+  which lands in the exponent's lowest bit, cleared in one copy and kept
+  alone in the other, and the two subtracted:
+  `(128 + (b & 127)) - (128 or 256)` = `b - 128` for `b = q ^ 0x80`, i.e.
+  `q - 128` (exact: Mosaic GPU's int8 conversion, on the flipped byte)."""
+  lines = ["{", ".reg .b32 r, lo, hi, a, b, m;",
+           "xor.b32 r, $2, 0x80808080;",
+           "prmt.b32 lo, r, 0x43, 0x4140;",
+           "prmt.b32 hi, r, 0x43, 0x4342;",
+           "mov.b32 m, 0xbf80bf80;"]  # -1.0 in both bf16 halves
+  for out, half in (("$0", "lo"), ("$1", "hi")):
+    lines += [f"and.b32 a, {half}, 0xff7fff7f;",
+              f"and.b32 b, {half}, 0xff80ff80;",
+              # a - b as a + b * -1: fma.bf16x2 runs on sm_80, sub on sm_90
+              f"fma.rn.bf16x2 {out}, b, m, a;"]
+  lines.append("}")
+  return "\n".join(lines), "=r,=r,r"
 
 
 def level_patterns(codebook: tuple[float, ...], dtype) -> tuple[int, ...]:
@@ -392,7 +428,7 @@ def ptx_flag(unpack: str, layout: Layout, dtype, interpret: bool
     return None
   if not ptx_unpack_supported(layout, dtype):
     raise ValueError(
-        f"unpack='ptx' takes uniform 2-, 3- or 4-bit codes or 16-level 4-bit "
+        f"unpack='ptx' takes uniform 2-, 3-, 4- or 8-bit codes or 16-level 4-bit "
         f"codebooks, and bf16 / f16 activations, got {layout.bits}-bit"
         f"{' codebook' if layout.codebook else ''} codes and {dtype}")
   return not interpret
@@ -408,17 +444,21 @@ def biased_planes(byte_tiles: tuple[jax.Array, ...], layout: Layout, dtype,
   module docstring (GPU only), else jnp on int32 lanes, with the same
   values.
   """
+  negative_bias = _bias(layout.bits, dtype) < 0  # 8-bit codes in bf16
   if ptx:
     pattern = _MAGIC_16[jnp.dtype(dtype)][0]
     out = jax.ShapeDtypeStruct(byte_tiles[0].shape, dtype)
     planes = []
     for i in range(layout.planes):
-      asm, constraints = _unpack_ptx(layout.bits, pattern, i)
+      asm, constraints = (_unpack8_bf16_ptx() if negative_bias
+                          else _unpack_ptx(layout.bits, pattern, i))
       planes += plt.elementwise_inline_asm(
           asm, args=list(byte_tiles), constraints=constraints, pack=4,
           result_shape_dtypes=[out])
     return planes
   words = assemble_words(byte_tiles)
+  if negative_bias:
+    return [(words - 128).astype(dtype)]
   return [_biased_16(plane_codes(words, i, layout.bits), dtype)
           for i in range(layout.planes)]
 

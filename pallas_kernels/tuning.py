@@ -97,15 +97,16 @@ class TuningConfig:
       "jnp": each code on its own 32-bit lane (shift, mask, or, narrow,
         subtract: about 6 instructions per code).
       "ptx": four bytes per register, byte-permute + lop3 in inline PTX,
-        two codes per instruction (tiles.py), then the subtraction (2/3/4-
-        bit; 3-bit from its three byte planes); 16-level codebooks (NF4) by
+        two codes per instruction (tiles.py), then the subtraction (2/3/4/8-
+        bit; 3-bit from its three byte planes, 8-bit in bf16 as `q - 128`
+        by a paired bf16 multiply-add); 16-level codebooks (NF4) by
         a byte-permute table lookup, four levels per ~14 instructions
         (`tiles.level_planes`). The Pallas interpreter runs the jnp form
         instead. Decode is bound by instruction issue and latency, not
         bytes (WORKSPACE.md section 4), so fewer instructions per code
         shorten it: `choose` picks it for uniform 2/4-bit and NF4 decode
-        with 16-bit activations (3-bit: prepared in session 9, not yet
-        timed, so `choose` keeps the jnp form).
+        with 16-bit activations (3- and 8-bit: prepared in session 9, not
+        yet timed, so `choose` keeps the jnp form).
     split_reduce: who sums a split contraction's float32 partials
       (`split_k > 1`). "xla": a second kernel after the launch. "kernel":
       the last of each output tile's programs to finish (an atomic arrival

@@ -34,6 +34,8 @@ def test_probe_times_every_config_and_checks_it(tmp_path):
       (module.PROBE_DX, "dx", 4, decode),
       (module.PROBE_3BIT, "fwd", 3, decode),
       (module.PROBE_DX3, "dx", 3, decode),
+      (module.PROBE_8BIT, "fwd", 8, decode),
+      (module.PROBE_8BIT, "dx", 8, decode),
       (module.PROBE_NF4, "fwd", "nf4_dq", decode),
       (module.PROBE_NF4_DX, "dx", "nf4_dq", decode),
       (module.PROBE_MID_FWD, "fwd", 4, mid),

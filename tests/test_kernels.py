@@ -216,6 +216,9 @@ class _KernelCases:
       ((2, 64, True, None, 1, 24, 256), jnp.float16),
       ((3, 32, False, None, 3, 40, 256), jnp.bfloat16),
       ((3, 64, True, None, 17, 24, 512), jnp.float16),
+      ((8, 32, False, None, 3, 40, 128), jnp.bfloat16),
+      ((8, -1, True, None, 1, 24, 96), jnp.bfloat16),
+      ((8, 32, False, None, 2, 24, 128), jnp.float16),
       ((4, 64, True, "nf4", 3, 40, 256), jnp.bfloat16),
       ((4, 32, True, "nf4", 17, 24, 128), jnp.float16),
   ], ids=lambda v: _case_id(v) if isinstance(v, tuple) else jnp.dtype(v).name)
@@ -561,9 +564,10 @@ def test_default_kernels_take_the_chosen_config():
 
 
 def _emulate_ptx(asm: str, regs: dict) -> dict:
-  """Runs the PTX instructions `tiles._unpack_ptx` and `tiles._lookup_ptx`
-  emit (mov, and, or, shl, shr, lop3, prmt with its sign-replicate mode)
-  on uint32 numpy registers; `regs` maps "$n" / names to arrays."""
+  """Runs the PTX instructions `tiles._unpack_ptx`, `_unpack8_bf16_ptx` and
+  `_lookup_ptx` emit (mov, and, or, xor, shl, shr, lop3, prmt with its
+  sign-replicate mode, fma.rn.bf16x2) on uint32 numpy registers; `regs`
+  maps "$n" / names to arrays."""
   def val(tok):
     tok = tok.strip()
     if tok in regs:
@@ -589,6 +593,14 @@ def _emulate_ptx(asm: str, regs: dict) -> dict:
       regs[d] = out
     elif op == "mov.b32":
       regs[d] = val(src[0])
+    elif op == "xor.b32":
+      regs[d] = val(src[0]) ^ val(src[1])
+    elif op == "fma.rn.bf16x2":  # per 16-bit half: a * b + c, rounded
+      halves = [np.stack([(val(t) & 0xFFFF), val(t) >> 16], -1).astype(
+          np.uint16).view(jnp.bfloat16).astype(np.float32) for t in src]
+      res = (halves[0] * halves[1] + halves[2]).astype(jnp.bfloat16)
+      bits16 = res.view(np.uint16).astype(np.uint32)
+      regs[d] = bits16[..., 0] | (bits16[..., 1] << 16)
     elif op == "and.b32":
       regs[d] = val(src[0]) & val(src[1])
     elif op == "or.b32":
@@ -642,26 +654,33 @@ def _assert_ptx_gives(asm_and_constraints, packed, want, dtype):
                                 np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_ptx_unpack_text_computes_the_biased_planes(bits, dtype):
   """Each plane's PTX, run by an emulator of its opcodes on random bytes,
   gives exactly the jnp form's `bias + code`, with Triton's packing (4
   bytes in one register per byte tile, element 0 lowest; four 16-bit
   results in two registers, elements 0-1 then 2-3). 3-bit: three byte
-  tiles, planes 2 and 5 straddling two of them."""
+  tiles, planes 2 and 5 straddling two of them; 8-bit in bf16: `q - 128`,
+  every byte value."""
   layout = tiles.layout_of(_q(bits=bits, group=64, n=4, k=128))
   byte_tiles = [np.random.randint(0, 256, (64, 4), dtype=np.uint8)
                 for _ in range(layout.nbytes)]
+  byte_tiles[0][:] = np.arange(256, dtype=np.uint8).reshape(64, 4)
   pattern = {jnp.dtype(jnp.bfloat16): 0x4300, jnp.dtype(jnp.float16): 0x6400}[
       jnp.dtype(dtype)]
   packed = [b.view("<u4")[:, 0] for b in byte_tiles]
   want = tiles.biased_planes(tuple(jnp.asarray(b) for b in byte_tiles),
                              layout, dtype, ptx=False)
-  assert len(want) == layout.planes == {2: 4, 3: 8, 4: 2}[bits]
+  assert len(want) == layout.planes == {2: 4, 3: 8, 4: 2, 8: 1}[bits]
   for i in range(layout.planes):
-    _assert_ptx_gives(tiles._unpack_ptx(bits, pattern, i), packed, want[i],  # pylint: disable=protected-access
-                      dtype)
+    text = (tiles._unpack8_bf16_ptx()  # pylint: disable=protected-access
+            if bits == 8 and jnp.dtype(dtype) == jnp.bfloat16
+            else tiles._unpack_ptx(bits, pattern, i))  # pylint: disable=protected-access
+    _assert_ptx_gives(text, packed, want[i], dtype)
+  if bits == 8 and jnp.dtype(dtype) == jnp.bfloat16:
+    np.testing.assert_array_equal(np.asarray(want[0], np.float32),
+                                  byte_tiles[0].astype(np.float32) - 128)
 
 
 def test_unpack_is_checked():
@@ -671,15 +690,14 @@ def test_unpack_is_checked():
     tuning.TuningConfig(split_reduce="atomic")
   with pytest.raises(ValueError, match="scale_mode='activations'"):
     tuning.TuningConfig(unpack="ptx", scale_mode="weights")
-  ptx = tuning.TuningConfig(block_m=16, block_n=16, block_k=16,
-                            scale_mode="activations", unpack="ptx")
-  for w in (_q(bits=8, group=32),):
-    x = jnp.ones((2, w.shape[1]), jnp.bfloat16)
-    with pytest.raises(ValueError, match="unpack='ptx' takes uniform 2-, 3-"):
-      kq.fwd(x, w, interpret=True, tuning=ptx)
-  three = tiles.layout_of(_q(bits=3, group=32, k=256))
-  assert tiles.ptx_unpack_supported(three, jnp.float16)
-  assert not tiles.ptx_unpack_supported(three, jnp.float32)
+  with pytest.raises(ValueError, match="unpack='ptx' takes uniform 2-, 3-"):
+    tiles.ptx_flag("ptx", tiles.layout_of(_q(bits=4, group=32)),
+                   jnp.float32, interpret=False)
+  for bits in (3, 8):
+    layout = tiles.layout_of(_q(bits=bits, group=32, k=256))
+    assert tiles.ptx_unpack_supported(layout, jnp.float16)
+    assert tiles.ptx_unpack_supported(layout, jnp.bfloat16)
+    assert not tiles.ptx_unpack_supported(layout, jnp.float32)
   nf4 = tiles.layout_of(_q(bits=4, group=64, symmetric=True, codebook="nf4"))
   assert tiles.ptx_unpack_supported(nf4, jnp.bfloat16)
   assert not tiles.ptx_unpack_supported(nf4, jnp.float32)
@@ -687,12 +705,13 @@ def test_unpack_is_checked():
 
 def test_gpu_lowering_of_ptx_unpack():
   """`unpack="ptx"` lowers for CUDA (fwd and dx), its PTX inlined: uniform
-  2/3/4-bit codes and NF4 levels."""
+  2/3/4/8-bit codes and NF4 levels."""
   n, k = 256, 512
   nf4 = qa.QuantConfig(bits=4, group_size=64, symmetric=True, codebook="nf4")
   for qcfg in (qa.QuantConfig(bits=2, group_size=64),
                qa.QuantConfig(bits=3, group_size=64),
-               qa.QuantConfig(bits=4, group_size=64), nf4):
+               qa.QuantConfig(bits=4, group_size=64),
+               qa.QuantConfig(bits=8, group_size=64), nf4):
     w = qa.abstract_qarray((n, k), qcfg)
     cfg = tuning.TuningConfig(block_m=16, block_n=64, split_k=2,
                               scale_mode="activations", unpack="ptx")
@@ -700,7 +719,8 @@ def test_gpu_lowering_of_ptx_unpack():
                   (functools.partial(kq.qmatmul_dx.dx, tuning=cfg), (1, n))]:
       text = _cuda_text(fn, a, w)
       _assert_no_float_weight(text, n, k)
-      assert "prmt.b32" in text and "lop3.b32" in text
+      assert "prmt.b32" in text and (
+          "fma.rn.bf16x2" if qcfg.bits == 8 else "lop3.b32") in text
 
 
 def test_gpu_lowering_of_split_reduced_in_kernel():
