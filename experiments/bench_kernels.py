@@ -538,8 +538,9 @@ PROBE_NF4 = ()
 PROBE_NF4_DX = ()
 # Training shapes (M = TRAIN_M): session 9's probe (..._run11.json) timed
 # the PTX codes / levels with partial-product scaling against the table's
-# float32 dequantization: NF4 dx won (in the table now), NF4 fwd and uniform
-# 4-bit lost. Nothing queued: the training rows run only when this is set.
+# float32 dequantization: NF4 dx was faster but failed QLoRA's training
+# check on accuracy (tuning._PTX_CODEBOOK), NF4 fwd and uniform 4-bit lost.
+# Nothing queued: the training rows run only when this is set.
 PROBE_TRAIN = ()
 # M = 256 (prefill): probes 9 and 10 (..._run9.json, _run10.json) moved its
 # tiles (`tuning._prefill`); their neighbours lost in probe 11

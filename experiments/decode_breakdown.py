@@ -96,12 +96,21 @@ def rows_for(n: int, k: int, bits) -> list[dict]:
                       total_us=sum(times.values())))
       print(out[-1]["op"], n, k, bits, label, f"{out[-1]['total_us']:.1f}",
             {kk: round(v, 2) for kk, v in times.items()}, flush=True)
-    wb = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.bfloat16)
-          for i in range(bench_kernels._copies(2 * n * k))]  # pylint: disable=protected-access
+  return out
+
+
+def bf16_rows(n: int, k: int) -> list[dict]:
+  """XLA's bf16 product at M = 1, fwd and dx, weights rotated likewise."""
+  wb = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.bfloat16)
+        for i in range(bench_kernels._copies(2 * n * k))]  # pylint: disable=protected-access
+  out = []
+  for op in ("fwd", "dx"):
+    a = jax.random.normal(jax.random.PRNGKey(2), (1, k if op == "fwd" else n),
+                          jnp.bfloat16)
     mm = ((lambda a, ws: [a @ w.T for w in ws]) if op == "fwd"
           else (lambda a, ws: [a @ w for w in ws]))
     times = per_kernel_us(mm, (a, wb), len(wb))
-    out.append(dict(op=op, N=n, K=k, bits=bits, impl="xla_bf16", config=None,
+    out.append(dict(op=op, N=n, K=k, bits=None, impl="xla_bf16", config=None,
                     kernels_us=times, total_us=sum(times.values())))
     print(op, n, k, "xla_bf16", {kk: round(v, 2) for kk, v in times.items()},
           flush=True)
@@ -114,6 +123,7 @@ def main():
   args = ap.parse_args()
   rows = []
   for n, k in SHAPES:
+    rows += bf16_rows(n, k)
     for bits in BITS:
       rows += rows_for(n, k, bits)
   floor = launch_floor(4096, 64)

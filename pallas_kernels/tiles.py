@@ -48,8 +48,9 @@ each); a plane whose code crosses a byte boundary (planes 2 and 5) is first
 paired into 16-bit lanes as `prmt(b_t, b_t+1, 0x5140)`, so the same shift
 and lop3 apply. 8-bit codes fit f16's pattern (10 mantissa bits) but not
 bf16's (7): in bf16 they come out as `q - 128` instead
-(`_unpack8_bf16_ptx`), and `unbias` subtracts `z - 128`. One asm block per plane (each has one result:
-Pallas lowers multi-result inline asm wrongly in jax 0.10). `biased_planes`
+(`_unpack8_bf16_ptx`), and `unbias` subtracts `z - 128`. One asm block per
+plane (each has one result: Pallas lowers multi-result inline asm wrongly
+in jax 0.10). `biased_planes`
 holds both forms; the Pallas interpreter, which cannot run PTX, takes the
 jnp one (same values).
 
@@ -438,9 +439,10 @@ def biased_planes(byte_tiles: tuple[jax.Array, ...], layout: Layout, dtype,
                   ptx: bool) -> list[jax.Array]:
   """The P planes' `bias + code` tiles, in `dtype`.
 
-  byte_tiles: the B `(bn, bc)` uint8 byte tiles of a word tile (2/4-bit
+  byte_tiles: the B `(bn, bc)` uint8 byte tiles of a word tile (2/4/8-bit
   codes: B = 1; 3-bit: B = 3, `load_bytes`). Returns P `(bn, bc)` tiles of
-  a 16-bit float dtype; `unbias` centres them. `ptx`: the packed PTX of the
+  a 16-bit float dtype (8-bit codes in bf16: `q - 128`, see `_bias`);
+  `unbias` centres them. `ptx`: the packed PTX of the
   module docstring (GPU only), else jnp on int32 lanes, with the same
   values.
   """

@@ -91,7 +91,7 @@ class TuningConfig:
         memory access and no codebook operand. Measured faster at every
         shape probed (`choose` picks it for codebooks): the gather's
         per-element loads cost more than the selects.
-    unpack: how 2- and 4-bit codes become 16-bit floats (`scale_mode=
+    unpack: how codes become 16-bit floats (`scale_mode=
       "activations"`, where the weight tile holds exact `q - z`, or the
       codebook levels rounded to the activation dtype).
       "jnp": each code on its own 32-bit lane (shift, mask, or, narrow,

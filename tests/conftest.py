@@ -7,7 +7,6 @@ import pathlib
 import pytest
 
 
-
 def pytest_configure(config):
   """Tests run on the CPU (CI has none other), unless the marker expression
   selects the `gpu` tests (`pytest -m gpu`), which need JAX's GPU backend.
