@@ -518,19 +518,17 @@ def run_sweep(timer, deadline, workers):
 # keeps split 4 (split 2: 11.0 / 20.7 us against 8.9 / 16.4).
 PROBE_FWD = ()
 PROBE_DX = ()
-# 3-bit decode with its three byte planes unpacked in PTX (prepared in
-# session 9, `tiles._unpack_ptx`; the 2/4-bit PTX took 4-bit fwd decode
-# from 10.9 to 9.9 us in session 7): fwd and dx.
-PROBE_3BIT = ({"unpack": "ptx"},)
-# 8-bit decode (QFT's int8 weights) with the PTX unpacking (prepared in
-# session 9: f16's pattern, or `q - 128` in bf16, `tiles._unpack8_bf16_ptx`);
-# fwd and dx, against the table's int32-lane float conversion.
-PROBE_8BIT = ({"unpack": "ptx"},)
+# 3-bit decode with its three byte planes unpacked in PTX: session 10's
+# probe (kernels_probe_h100_2026-11-28.json) put it into the table, fwd and
+# dx (`tuning._DECODE_3BIT`). 8-bit decode with the PTX unpacking lost in
+# the same probe (fwd 13.0 -> 13.1 us, dx 27.2 -> 30.0 us at 4096^2).
+PROBE_3BIT = ()
+PROBE_8BIT = ()
 # 3-bit dx decode: session 9's probe 11 (..._run11.json) moved it to
 # 128-row steps (`tuning._DECODE_3BIT`, 50.7 -> 26.2 us at 4096^2); its
 # neighbours lost or tied in probe 12 (_run12.json: block_n 64 30.5 us, two
-# stages 26.5, a 64-word tile 49.9). The PTX unpacking, as for fwd:
-PROBE_DX3 = ({"unpack": "ptx"},)
+# stages 26.5, a 64-word tile 49.9); the PTX unpacking (session 10) won.
+PROBE_DX3 = ()
 # NF4 decode (QLoRA's weight): probes 11-12 put the PTX lookup into the
 # table (`tuning._PTX_CODEBOOK`): fwd split 8 ways, dx with 4-bit dx's
 # geometry. Nothing queued.

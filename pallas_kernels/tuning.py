@@ -252,7 +252,12 @@ FWD4_TARGET_PROGRAMS = 512
 # pipeline stages instead of three, 15.6 -> 12.5 us (4096^2) and 37.9 ->
 # 28.8 us (11008x4096) in session 8's probes (..._run5.json and _run6.json);
 # dx with 128-row steps instead of 256, 50.7 -> 26.2 us and 118.2 -> 66.6 us
-# in session 9's (..._run11.json).
+# in session 9's (..._run11.json). With 16-bit activations both unpack the
+# three byte planes in PTX (`tiles._unpack_ptx`), session 10's probe
+# (kernels_probe_h100_2026-11-28.json, M = 1): fwd 12.4 -> 9.8 us (4096^2)
+# and 28.9 -> 22.0 us (11008x4096), dx 26.7 -> 23.2 and 66.6 -> 53.9 us.
+# (8-bit's PTX unpacking lost in the same probe: fwd 13.0 -> 13.1 and 27.1
+# -> 29.6 us, dx 27.2 -> 30.0 and 61.4 -> 68.1 us; 8-bit keeps the jnp form.)
 _DECODE_3BIT = {"fwd": dict(num_stages=2), "dx": dict(block_n=128)}
 
 # Codebook (NF4) levels by the PTX byte-permute lookup (tiles.level_planes),
@@ -334,7 +339,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   uniform 2/4-bit decode with 16-bit activations (`dtype` bf16 / f16)
   unpacks in PTX: 4-bit fwd 10.9 -> 9.9 us (4096^2) and 22.9 -> 19.7 us
   (11008x4096), 2-bit fwd 10.3 -> 8.9 and 24.1 -> 16.4 us, dx 2-4 % faster.
-  3-bit decode has its own geometry (`_DECODE_3BIT`); codebook codes with
+  3-bit decode has its own geometry (`_DECODE_3BIT`, PTX-unpacked with
+  16-bit activations); codebook codes with
   16-bit activations take the PTX lookup at decode (`_PTX_CODEBOOK`); 4-bit
   fwd decode splits toward FWD4_TARGET_PROGRAMS programs.
   """
@@ -351,7 +357,8 @@ def choose(op: str, m: int, n: int, k: int, bits: int, *,
   elif cls == "decode" and bits in PTX_BITS and half:
     cfg = dataclasses.replace(cfg, unpack="ptx", **_PTX_DECODE[(op, bits)])
   elif cls == "decode" and bits == 3:
-    cfg = dataclasses.replace(cfg, **_DECODE_3BIT[op])
+    cfg = dataclasses.replace(cfg, **_DECODE_3BIT[op],
+                              unpack="ptx" if half else cfg.unpack)
   cpw = 8 if bits == 3 else 8 // bits
   if cls != "decode":
     cfg = dataclasses.replace(cfg, block_k=max(16, min(64, 128 // cpw)))

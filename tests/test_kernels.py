@@ -481,7 +481,9 @@ def test_choose_takes_the_probe_winners(op):
                                (2, jnp.float16, 16, "ptx"),
                                (4, jnp.float32, 1, "jnp"),
                                (4, None, 1, "jnp"),
-                               (3, jnp.bfloat16, 1, "jnp"),
+                               (3, jnp.bfloat16, 1, "ptx"),
+                               (3, jnp.float32, 1, "jnp"),
+                               (3, jnp.bfloat16, 256, "jnp"),
                                (8, jnp.bfloat16, 1, "jnp"),
                                (4, jnp.bfloat16, 256, "jnp"),
                                (4, jnp.bfloat16, 4096, "jnp")]:
