@@ -1,0 +1,145 @@
+r"""Times the Mosaic GPU 4-bit forward (pallas_kernels/qmatmul_mgpu.py) at
+training shapes against XLA's bf16 matmul and the Triton kernel.
+
+  COMMIT=<hash> python3 experiments/bench_mgpu_train.py --out $OUT   # H100
+  python3 experiments/bench_mgpu_train.py --lower_only   # CPU: lowering
+
+For M = 4096 and (N, K) in issue 5's three shapes: XLA bf16 `x @ W^T`, the
+Triton fused kernel (`pallas_kernels.qmatmul.fwd`, the table's config), and
+each `CONFIGS` entry of the Mosaic kernel, twice: the whole call
+(`qmatmul_fwd`: group parameters prepared, `y^T` transposed by XLA) and the
+kernel alone (`qmatmul_fwd_t`). CUPTI kernel time per call, median of 7,
+over rotated weight copies; relative error against the float32 reference
+on fresh random data. Writes $OUT/mgpu_train_<gpu>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pallas_kernels import qmatmul_mgpu as mg  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+M = 4096
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+GROUP = 128
+CONFIGS = (
+    mg.MgpuConfig(),
+    mg.MgpuConfig(grid_tile_width=8),
+    mg.MgpuConfig(grid_tile_width=16),
+    mg.MgpuConfig(block_kb=32, stages=5),
+    mg.MgpuConfig(rows=64, tokens=256, stages=2, epi_rows=64),
+    mg.MgpuConfig(rows=64, tokens=256, block_kb=32, stages=4, epi_rows=64),
+)
+
+
+def _leaves(w):
+  """A random 4-bit QArray's (qvalue, dense scale, zero point)."""
+  return w.qvalue, w.scale, w.zero_point
+
+
+def lower_all() -> None:
+  n, k = SHAPES[0]
+  x = jax.ShapeDtypeStruct((M, k), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8)
+  s = jax.ShapeDtypeStruct((n, k // GROUP), jnp.bfloat16)
+  z = jax.ShapeDtypeStruct((n, k // GROUP), jnp.uint8)
+  for cfg in CONFIGS:
+    f = jax.jit(functools.partial(mg.qmatmul_fwd, group_size=GROUP, cfg=cfg))
+    f.trace(x, q, s, z).lower(lowering_platforms=("cuda",))
+    print("lowered", cfg, flush=True)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+  ap.add_argument("--lower_only", action="store_true")
+  args = ap.parse_args()
+  if args.lower_only:
+    lower_all()
+    return
+  from experiments import bench_kernels as bk  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
+  timer = bk.Timer()
+  num_sms = jax.devices()[0].core_count
+  rows = []
+
+  def timed(label, fn, sets, **extra):
+    row = dict(impl=label, **extra)
+    try:
+      compiled = jax.jit(lambda sets: [fn(*s) for s in sets]).lower(
+          sets).compile()
+      row["us"] = timer(compiled, (sets,), len(sets)) * 1e3
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+      row["traceback"] = traceback.format_exc()[-2000:]
+    rows.append(row)
+    print(row, flush=True)
+    return row
+
+  for n, k in SHAPES:
+    shape = dict(M=M, N=n, K=k)
+    r = bk._copies(n * k // 2)  # pylint: disable=protected-access
+    keys = jax.random.split(jax.random.PRNGKey(n + k), r)
+    ws = [bk._random_weight(kk, n, k, 4) for kk in keys]  # pylint: disable=protected-access
+    xs = [jax.random.normal(kk, (M, k), jnp.bfloat16)
+          for kk in jax.random.split(jax.random.PRNGKey(7), r)]
+    flops = 2 * M * n * k
+    bf16 = timed("xla_bf16", lambda x, w: jnp.dot(
+        x, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
+                 [(x, (jax.random.normal(jax.random.PRNGKey(i), (n, k),
+                                         jnp.bfloat16) * 0.02))
+                  for i, x in enumerate(xs[:4])], **shape)
+    timed("triton_table", lambda x, w: kq.fwd(x, w), list(zip(xs, ws)),
+          **shape)
+    fresh = bk._random_weight(jax.random.PRNGKey(int(time.time())), n, k, 4)  # pylint: disable=protected-access
+    x0 = jax.random.normal(jax.random.PRNGKey(int(time.time()) + 1), (M, k),
+                           jnp.bfloat16)
+    ref = mg.reference(x0, *_leaves(fresh), GROUP)
+    for cfg in CONFIGS:
+      extra = dict(shape, config=dataclasses.asdict(cfg))
+      call = functools.partial(mg.qmatmul_fwd, group_size=GROUP, cfg=cfg,
+                               num_sms=num_sms)
+      row = timed("mgpu", lambda x, w: call(x, *_leaves(w)),
+                  list(zip(xs, ws)), **extra)
+      if "us" not in row:
+        continue
+      got = jax.jit(call)(x0, *_leaves(fresh)).astype(jnp.float32)
+      err = jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)
+      row["rel_err"] = float(jnp.where(jnp.isfinite(err), err, jnp.inf))
+      row["tflops"] = flops / row["us"] / 1e6
+      row["vs_bf16"] = bf16.get("us", float("nan")) / row["us"]
+      print("  rel_err", row["rel_err"], "vs bf16", row["vs_bf16"],
+            flush=True)
+      prepped = [(x, mg.as_codes(w.qvalue),
+                  mg.group_params(w.scale, w.zero_point)) for x, w in
+                 zip(xs, ws)]
+      timed("mgpu_kernel_only", functools.partial(
+          mg.qmatmul_fwd_t, group_size=GROUP, cfg=cfg, num_sms=num_sms),
+            prepped, **extra)
+  gpu = jax.devices()[0].device_kind
+  date = datetime.date.today().isoformat()
+  path = pathlib.Path(args.out) / f"mgpu_train_h100_{date}.json"
+  path.write_text(json.dumps(dict(
+      gpu=gpu, jax=jax.__version__, commit=os.environ.get("COMMIT", "unknown"),
+      date=date, timing=timer.method, what=__doc__.splitlines()[0],
+      rows=rows), indent=1))
+  print("wrote", path, time.strftime("%X"))
+
+
+if __name__ == "__main__":
+  main()

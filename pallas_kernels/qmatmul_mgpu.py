@@ -1,0 +1,285 @@
+r"""Training-shape forward on Hopper through Mosaic GPU (4-bit uniform codes).
+
+    y (M, N) = x (M, K) @ deq(W)^T,   deq(W)[n, k] = (q[n, k] - z[n, g]) s[n, g]
+
+computed transposed, `y^T (N, M) = deq(W) (N, K) @ x^T (K, M)`, so the
+dequantized weight tile is wgmma's register (A) operand and x's tile, as TMA
+brought it, its shared-memory (B) operand read transposed. The layout is
+jax's int8 x bf16 example's (`hopper_mixed_type_matmul_mgpu`): a persistent
+grid of one CTA per SM walking the output tiles, two compute warpgroups of
+`rows` weight rows each sharing one x tile, and a memory warpgroup feeding a
+`stages`-deep TMA pipeline over the contraction.
+
+Codes are `qft_jax`'s planar 4-bit bytes: byte j of row n holds column j in
+its low nibble and column K/2 + j in its high nibble. One pipeline step
+takes `block_kb` bytes of `2 * rows` weight rows and two x tiles (columns
+`j..j+block_kb` and `K/2 + j..`), and per warpgroup issues
+
+    acc += ((q & 0x0F) - z_lo) s_lo @ x_lo^T
+         + (((q ^ 0x80) & 0xF0) - 16 (z_hi - 8)) (s_hi / 16) @ x_hi^T
+
+with the codes read as int8 (Mosaic GPU converts signed bytes to bf16 with
+a byte permute; 8-bit registers take masks but no shifts, so the high
+nibble stays in place, 16x its value, its top bit flipped so the signed
+byte reads `16 (h - 8)`). Each bracket is exact in bf16 (integers below
+256 in multiples of 16), so every weight is rounded once, as in the XLA
+path. `block_kb` divides the group size and K/2 is a multiple of it, so each
+plane of a step lies in one group: the step's group parameters are one
+vector per plane, broadcast along the row (`group_params` prepares them as
+`(G, 4, N)`: s, z, s / 16, 16 (z - 8)).
+
+The kernel writes `y^T`; `qmatmul_fwd` returns `y` (XLA's transpose).
+Hopper only (wgmma, TMA); there is no interpreter for its register-operand
+wgmma, so CPU tests lower it for CUDA and compare `reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+BITS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+  """Tile geometry.
+
+  rows: weight rows per compute warpgroup (wgmma M, a multiple of 64); a
+    CTA covers `2 * rows`.
+  tokens: activation rows per CTA (wgmma N, a multiple of 8, <= 256).
+  block_kb: packed bytes (columns per plane) per pipeline step.
+  stages: pipeline steps in flight.
+  grid_tile_width: output tiles per stripe of the persistent walk
+    (`plgpu.planar_snake`), for L2 reuse.
+  epi_rows: weight rows per epilogue store (a multiple of 64 dividing
+    `rows`; two stores in flight when `rows` holds two).
+  """
+  rows: int = 128
+  tokens: int = 128
+  block_kb: int = 64
+  stages: int = 3
+  grid_tile_width: int = 4
+  epi_rows: int = 64
+
+
+def group_params(scale: jax.Array, zero_point: jax.Array | None,
+                 dtype=jnp.bfloat16) -> jax.Array:
+  """`(N, G)` scales and zero points -> `(G, 4, N)`: s, z, s / 16, 16 (z - 8).
+
+  Symmetric codes (`zero_point` None) take the implicit zero point 8."""
+  s = scale.astype(jnp.float32).T
+  z = (jnp.full_like(s, 8.0) if zero_point is None
+       else zero_point.astype(jnp.float32).T)
+  return jnp.stack([s, z, s / 16, 16 * (z - 8)], axis=1).astype(dtype)
+
+
+def reference(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
+              zero_point: jax.Array | None, group_size: int) -> jax.Array:
+  """float32 `x @ deq(W)^T` from the planar codes `(N, K/2)` uint8."""
+  lo = (qvalue & 15).astype(jnp.float32)
+  hi = (qvalue >> 4).astype(jnp.float32)
+  q = jnp.concatenate([lo, hi], axis=1)  # (N, K)
+  z = 8.0 if zero_point is None else zero_point.astype(jnp.float32)
+  z = jnp.repeat(jnp.broadcast_to(z, scale.shape), group_size, axis=1)
+  w = (q - z) * jnp.repeat(scale.astype(jnp.float32), group_size, axis=1)
+  return x.astype(jnp.float32) @ w.T
+
+
+def check_shapes(m: int, n: int, k: int, group_size: int,
+                 cfg: MgpuConfig) -> None:
+  """Raises ValueError naming the first shape rule (M, N, K, g) broken."""
+  half = k // 2
+  rules = (
+      (k % 2 == 0, f"K={k} must be even (two 4-bit planes)"),
+      (n % (2 * cfg.rows) == 0,
+       f"N={n} must be a multiple of 2 * rows = {2 * cfg.rows}"),
+      (m % cfg.tokens == 0, f"M={m} must be a multiple of tokens="
+       f"{cfg.tokens}"),
+      (group_size % cfg.block_kb == 0,
+       f"group size {group_size} must be a multiple of block_kb="
+       f"{cfg.block_kb}"),
+      (half % group_size == 0,
+       f"K/2={half} must be a multiple of the group size {group_size}"),
+      (cfg.rows % 64 == 0 and cfg.epi_rows % 64 == 0
+       and cfg.rows % cfg.epi_rows == 0,
+       f"rows={cfg.rows} must be a multiple of 64 and of epi_rows="
+       f"{cfg.epi_rows}"),
+  )
+  for ok, message in rules:
+    if not ok:
+      raise ValueError(message)
+
+
+def _transposed(ref):
+  """`ref` read as its transpose (jax 0.11's `ref.transpose`, older
+  `plgpu.transpose_ref`)."""
+  if hasattr(ref, "transpose"):
+    return ref.transpose((1, 0))
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _load(ref, layout):
+  """`plgpu.load` of the whole ref (jax 0.10 takes an index argument)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  idx = inspect.signature(plgpu.load).parameters["idx"]
+  if idx.default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def _swizzled(dtype, minor: int):
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  bits = jnp.dtype(dtype).itemsize * 8
+  swizzle = plgpu.find_swizzle(minor * bits)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def qmatmul_fwd_t(x: jax.Array, codes: jax.Array, params: jax.Array, *,
+                  group_size: int, cfg: MgpuConfig = MgpuConfig(),
+                  num_sms: int = 132) -> jax.Array:
+  """`y^T (N, M)` from x `(M, K)` bf16, codes `(N, K/2)` int8 (the planar
+  uint8 bytes bitcast) and `group_params` `(G, 4, N)`."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  m, k = x.shape
+  n = codes.shape[0]
+  if codes.shape != (n, k // 2) or codes.dtype != jnp.int8:
+    raise ValueError(f"codes must be int8 ({n}, {k // 2}) for x {x.shape}, "
+                     f"got {codes.dtype} {codes.shape}")
+  if params.shape != (k // group_size, 4, n):
+    raise ValueError(f"params must be {(k // group_size, 4, n)}, got "
+                     f"{params.shape}")
+  check_shapes(m, n, k, group_size, cfg)
+  rows, tokens, kb = cfg.rows, cfg.tokens, cfg.block_kb
+  cta_rows = 2 * rows
+  steps = (k // 2) // kb
+  half_groups = (k // 2) // group_size
+  steps_per_group = group_size // kb
+  n_iters, m_iters = n // cta_rows, m // tokens
+  dtype = x.dtype
+  epi = cfg.epi_rows
+  slots = min(2, rows // epi)  # epilogue buffers per warpgroup
+
+  def kernel(q_gmem, x_gmem, p_gmem, out_gmem, out_smem):
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body,
+          grid=(steps,),
+          memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((cta_rows, kb), lambda s: (0, s),
+                              transforms=_swizzled(jnp.int8, kb)),
+              plgpu.BlockSpec((tokens, kb), lambda s: (0, s),
+                              transforms=_swizzled(dtype, kb)),
+              plgpu.BlockSpec((tokens, kb), lambda s: (0, steps + s),
+                              transforms=_swizzled(dtype, kb)),
+              plgpu.BlockSpec((1, 2, cta_rows),
+                              lambda s: (s // steps_per_group, 0, 0)),
+              plgpu.BlockSpec((1, 2, cta_rows),
+                              lambda s: (half_groups + s // steps_per_group,
+                                         1, 0)),
+          ],
+          wg_axis="wg",
+          num_compute_wgs=2,
+          max_concurrent_steps=cfg.stages,
+          compute_context=compute_context,
+      )
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=get_pipeline(ignore, ignore).get_allocations(
+            q_gmem, x_gmem, x_gmem, p_gmem, p_gmem),
+        collective_axes="wg")
+    def _scope(allocs):
+      wg = lax.axis_index("wg")
+      wg_rows = pl.ds(wg * rows, rows)
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tiles(info):
+        (lin,) = info.index
+        n_idx, m_idx = plgpu.planar_snake(lin, (n_iters, m_iters), 1,
+                                          cfg.grid_tile_width)
+        cta_n = pl.ds(n_idx * cta_rows, cta_rows)
+        cta_m = pl.ds(m_idx * tokens, tokens)
+
+        def compute_context(run_pipeline):
+          @functools.partial(
+              pl.run_scoped, acc_ref=plgpu.ACC((rows, tokens), jnp.float32))
+          def _acc(acc_ref):
+            run_pipeline(acc_ref)
+            acc = acc_ref[...].astype(dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for e in range(rows // epi):
+              slot = e % slots
+              plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+              out_smem[wg, slot] = acc[e * epi:(e + 1) * epi]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, slot],
+                  out_gmem.at[cta_n, cta_m].at[wg_rows].at[
+                      pl.ds(e * epi, epi)])
+
+        def body(_, q_smem, xlo_smem, xhi_smem, plo_smem, phi_smem,
+                 acc_ref):
+          row_vec = plgpu.Layout.WGMMA.reduce(1)
+          s_lo = _load(plo_smem.at[0, 0, wg_rows], row_vec)
+          z_lo = _load(plo_smem.at[0, 1, wg_rows], row_vec)
+          s_hi = _load(phi_smem.at[0, 0, wg_rows], row_vec)
+          z_hi = _load(phi_smem.at[0, 1, wg_rows], row_vec)
+          q = q_smem[wg_rows]
+          lo = (q & jnp.int8(0x0F)).astype(dtype)
+          hi = ((q ^ jnp.int8(-128)) & jnp.int8(-16)).astype(dtype)
+          full = lambda v: lax.broadcast_in_dim(v, (rows, kb), (0,))
+          w_lo = (lo - full(z_lo)) * full(s_lo)
+          w_hi = (hi - full(z_hi)) * full(s_hi)
+          plgpu.wgmma(acc_ref, w_lo, _transposed(xlo_smem))
+          plgpu.wgmma(acc_ref, w_hi, _transposed(xhi_smem))
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        get_pipeline(body, compute_context)(
+            q_gmem.at[cta_n, :], x_gmem.at[cta_m, :], x_gmem.at[cta_m, :],
+            p_gmem.at[:, :, cta_n], p_gmem.at[:, :, cta_n],
+            allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((n, m), dtype),
+      grid=(num_sms,),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      scratch_types=dict(out_smem=plgpu.SMEM(
+          (2, slots, epi, tokens), dtype, transforms=_swizzled(dtype, tokens))),
+  )(codes, x, params)
+
+
+def as_codes(qvalue: jax.Array) -> jax.Array:
+  """The planar uint8 bytes as the int8 the kernel reads (a bitcast)."""
+  return lax.bitcast_convert_type(qvalue, jnp.int8)
+
+
+def qmatmul_fwd(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
+                zero_point: jax.Array | None, *, group_size: int,
+                cfg: MgpuConfig = MgpuConfig(), num_sms: int = 132
+                ) -> jax.Array:
+  """`y (M, N) = x @ deq(W)^T` for a 4-bit QArray's leaves (qvalue
+  `(N, K/2)` uint8, dense scale and optional zero point `(N, G)`)."""
+  params = group_params(scale, zero_point, x.dtype)
+  y_t = qmatmul_fwd_t(x, as_codes(qvalue), params, group_size=group_size,
+                      cfg=cfg, num_sms=num_sms)
+  return y_t.T
