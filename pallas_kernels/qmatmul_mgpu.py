@@ -28,7 +28,9 @@ plane of a step lies in one group: the step's group parameters are one
 vector per plane, broadcast along the row (`group_params` prepares them as
 `(G, 4, N)`: s, z, s / 16, 16 (z - 8)).
 
-The kernel writes `y^T`; `qmatmul_fwd` returns `y` (XLA's transpose).
+The epilogue stores each warpgroup's `(rows, tokens)` accumulator into a
+transposed shared-memory view and TMA copies `y`'s `(tokens, rows)` tiles
+out, so no transpose runs outside the kernel.
 Hopper only (wgmma, TMA); there is no interpreter for its register-operand
 wgmma, so CPU tests lower it for CUDA and compare `reference`.
 """
@@ -143,11 +145,11 @@ def _swizzled(dtype, minor: int):
           plgpu.SwizzleTransform(swizzle))
 
 
-def qmatmul_fwd_t(x: jax.Array, codes: jax.Array, params: jax.Array, *,
-                  group_size: int, cfg: MgpuConfig = MgpuConfig(),
-                  num_sms: int = 132) -> jax.Array:
-  """`y^T (N, M)` from x `(M, K)` bf16, codes `(N, K/2)` int8 (the planar
-  uint8 bytes bitcast) and `group_params` `(G, 4, N)`."""
+def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
+              group_size: int, cfg: MgpuConfig = MgpuConfig(),
+              num_sms: int = 132) -> jax.Array:
+  """`y (M, N)` from x `(M, K)` bf16, codes `(N, K/2)` int8 (the planar
+  uint8 bytes bitcast, `as_codes`) and `group_params` `(G, 4, N)`."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, k = x.shape
   n = codes.shape[0]
@@ -222,12 +224,13 @@ def qmatmul_fwd_t(x: jax.Array, codes: jax.Array, params: jax.Array, *,
             for e in range(rows // epi):
               slot = e % slots
               plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-              out_smem[wg, slot] = acc[e * epi:(e + 1) * epi]
+              _transposed(out_smem.at[wg, slot])[...] = (
+                  acc[e * epi:(e + 1) * epi])
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(
                   out_smem.at[wg, slot],
-                  out_gmem.at[cta_n, cta_m].at[wg_rows].at[
-                      pl.ds(e * epi, epi)])
+                  out_gmem.at[cta_m, cta_n].at[:, wg_rows].at[
+                      :, pl.ds(e * epi, epi)])
 
         def body(_, q_smem, xlo_smem, xhi_smem, plo_smem, phi_smem,
                  acc_ref):
@@ -256,7 +259,7 @@ def qmatmul_fwd_t(x: jax.Array, codes: jax.Array, params: jax.Array, *,
 
   return plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((n, m), dtype),
+      out_type=jax.ShapeDtypeStruct((m, n), dtype),
       grid=(num_sms,),
       grid_names=("sm",),
       num_threads=3,
@@ -264,7 +267,7 @@ def qmatmul_fwd_t(x: jax.Array, codes: jax.Array, params: jax.Array, *,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       scratch_types=dict(out_smem=plgpu.SMEM(
-          (2, slots, epi, tokens), dtype, transforms=_swizzled(dtype, tokens))),
+          (2, slots, tokens, epi), dtype, transforms=_swizzled(dtype, epi))),
   )(codes, x, params)
 
 
@@ -280,6 +283,5 @@ def qmatmul_fwd(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
   """`y (M, N) = x @ deq(W)^T` for a 4-bit QArray's leaves (qvalue
   `(N, K/2)` uint8, dense scale and optional zero point `(N, G)`)."""
   params = group_params(scale, zero_point, x.dtype)
-  y_t = qmatmul_fwd_t(x, as_codes(qvalue), params, group_size=group_size,
-                      cfg=cfg, num_sms=num_sms)
-  return y_t.T
+  return fused_fwd(x, as_codes(qvalue), params, group_size=group_size,
+                   cfg=cfg, num_sms=num_sms)
