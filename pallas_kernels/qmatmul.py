@@ -25,14 +25,15 @@ import jax.numpy as jnp
 
 from pallas_kernels import qmatmul_dx
 from pallas_kernels import qmatmul_fwd
+from pallas_kernels import qmatmul_mgpu
 from pallas_kernels import tiles
 from pallas_kernels import tuning as tuning_lib
 from pallas_kernels.reference import reference, reference_dx
 from pallas_kernels.tuning import TuningConfig
 from qft_jax._src import qarray as qa
 
-__all__ = ["can_use", "can_use_dx", "fwd", "dx", "reference", "reference_dx",
-           "TuningConfig"]
+__all__ = ["can_use", "can_use_dx", "can_use_mosaic", "fwd", "dx",
+           "reference", "reference_dx", "TuningConfig"]
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_WORD_TILE = 16  # smallest contraction / output tile of the matrix units
@@ -111,6 +112,12 @@ def can_use_dx(dy2d, w, *, interpret: bool = False) -> tuple[bool, str]:
   return _gate(dy2d, w, lambda q: q.shape[0], "dy2d", interpret)
 
 
+def can_use_mosaic(x2d, w) -> tuple[bool, str]:
+  """Whether `fwd` takes the Mosaic GPU kernel (4-bit uniform codes at
+  training shapes on Hopper, `qmatmul_mgpu.can_use`), and if not, why."""
+  return qmatmul_mgpu.can_use(x2d, w)
+
+
 def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
         tuning: TuningConfig | None = None,
         out_init: jax.Array | None = None) -> jax.Array:
@@ -120,9 +127,12 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
     x2d: bf16/f16 activations `(M, K)`.
     w: QArray of logical shape `(N, K)`, no batch axes.
     interpret: run in the Pallas interpreter (any backend).
-    tuning: block sizes; None picks `tuning.choose("fwd", M, N, K, bits)`.
+    tuning: block sizes; None picks the Mosaic GPU kernel where
+      `can_use_mosaic` passes, else `tuning.choose("fwd", M, N, K, bits)`.
     out_init: optional `(M, N)` buffer aliased to the output; every element
-      is overwritten (tests pass NaNs to catch unwritten tiles).
+      is overwritten (tests pass NaNs to catch unwritten tiles). The Mosaic
+      kernel allocates its own output (`plgpu.kernel` has no aliasing; its
+      tiles cover it exactly, `qmatmul_mgpu.check_shapes`) and ignores it.
 
   Raises:
     ValueError: when `can_use` refuses, with its reason.
@@ -130,6 +140,8 @@ def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   ok, reason = can_use(x2d, w, interpret=interpret)
   if not ok:
     raise ValueError(f"qmatmul.fwd cannot run: {reason}")
+  if tuning is None and not interpret and can_use_mosaic(x2d, w)[0]:
+    return qmatmul_mgpu.fwd(x2d, w)
   return qmatmul_fwd.fwd(x2d, w, interpret=interpret, tuning=tuning,
                          out_init=out_init)
 

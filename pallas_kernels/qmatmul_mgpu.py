@@ -18,7 +18,7 @@ takes `block_kb` bytes of `2 * rows` weight rows and two x tiles (columns
     acc += ((q & 0x0F) - z_lo) s_lo @ x_lo^T
          + (((q ^ 0x80) & 0xF0) - 16 (z_hi - 8)) (s_hi / 16) @ x_hi^T
 
-with the codes read as int8 (Mosaic GPU converts signed bytes to bf16 with
+with the codes read as int8 (a bitcast in registers; Mosaic GPU converts signed bytes to bf16 with
 a byte permute; 8-bit registers take masks but no shifts, so the high
 nibble stays in place, 16x its value, its top bit flipped so the signed
 byte reads `16 (h - 8)`). Each bracket is exact in bf16 (integers below
@@ -28,7 +28,9 @@ plane of a step lies in one group: the step's group parameters are one
 vector per plane, broadcast along the row (`group_params` prepares them as
 `(G, 4, N)`: s, z, s / 16, 16 (z - 8)).
 
-The epilogue stores each warpgroup's `(rows, tokens)` accumulator into a
+`qmatmul.fwd` takes this kernel for 4-bit uniform weights at training
+shapes on Hopper (`can_use`; `fwd` on a QArray); everywhere else the Triton
+kernels run. The epilogue stores each warpgroup's `(rows, tokens)` accumulator into a
 transposed shared-memory view and TMA copies `y`'s `(tokens, rows)` tiles
 out, so no transpose runs outside the kernel.
 Hopper only (wgmma, TMA); there is no interpreter for its register-operand
@@ -47,11 +49,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 BITS = 4
+MIN_M = 1024  # measured at M = 4096 (experiments/bench_mgpu_train.py)
+DTYPES = (jnp.dtype(jnp.bfloat16),)
+# jax 0.10's Mosaic GPU cannot infer the layouts of the transposed epilogue
+# store ("Failed to infer a possible set of layouts"); 0.11 lowers it.
+MIN_JAX = (0, 11)
+
+
+def jax_supports() -> bool:
+  """Whether this jax lowers the kernel (see MIN_JAX)."""
+  return tuple(int(p) for p in jax.__version__.split(".")[:2]) >= MIN_JAX
 
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
-  """Tile geometry.
+  """Tile geometry. The defaults won experiments/bench_mgpu_train.py's run 2
+  at all three training shapes (mgpu_train_h100_2026-11-28.json).
 
   rows: weight rows per compute warpgroup (wgmma M, a multiple of 64); a
     CTA covers `2 * rows`.
@@ -63,10 +76,10 @@ class MgpuConfig:
   epi_rows: weight rows per epilogue store (a multiple of 64 dividing
     `rows`; two stores in flight when `rows` holds two).
   """
-  rows: int = 128
-  tokens: int = 128
+  rows: int = 64
+  tokens: int = 256
   block_kb: int = 64
-  stages: int = 3
+  stages: int = 2
   grid_tile_width: int = 4
   epi_rows: int = 64
 
@@ -80,6 +93,26 @@ def group_params(scale: jax.Array, zero_point: jax.Array | None,
   z = (jnp.full_like(s, 8.0) if zero_point is None
        else zero_point.astype(jnp.float32).T)
   return jnp.stack([s, z, s / 16, 16 * (z - 8)], axis=1).astype(dtype)
+
+
+def dequantize_tile(q: jax.Array, lo_params, hi_params, dtype):
+  """One step's weights from its byte tile, as the kernel computes them.
+
+  Args:
+    q: uint8 `(R, C)` planar bytes (low nibble: plane 0, high: plane 1).
+    lo_params, hi_params: `(s, z)` row vectors `(R,)` in `dtype`, the
+      plane's rows of `group_params` (s, z and s / 16, 16 (z - 8)).
+    dtype: the activations' dtype.
+
+  Returns:
+    `(R, C)` weights of each plane, `(q - z) s` rounded once to `dtype`.
+  """
+  q = lax.bitcast_convert_type(q, jnp.int8)
+  lo = (q & jnp.int8(0x0F)).astype(dtype)
+  hi = ((q ^ jnp.int8(-128)) & jnp.int8(-16)).astype(dtype)
+  full = lambda v: lax.broadcast_in_dim(v, q.shape, (0,))
+  (s_lo, z_lo), (s_hi, z_hi) = lo_params, hi_params
+  return (lo - full(z_lo)) * full(s_lo), (hi - full(z_hi)) * full(s_hi)
 
 
 def reference(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
@@ -148,13 +181,13 @@ def _swizzled(dtype, minor: int):
 def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
               group_size: int, cfg: MgpuConfig = MgpuConfig(),
               num_sms: int = 132) -> jax.Array:
-  """`y (M, N)` from x `(M, K)` bf16, codes `(N, K/2)` int8 (the planar
-  uint8 bytes bitcast, `as_codes`) and `group_params` `(G, 4, N)`."""
+  """`y (M, N)` from x `(M, K)` bf16, the planar codes `(N, K/2)` uint8
+  and `group_params` `(G, 4, N)`."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, k = x.shape
   n = codes.shape[0]
-  if codes.shape != (n, k // 2) or codes.dtype != jnp.int8:
-    raise ValueError(f"codes must be int8 ({n}, {k // 2}) for x {x.shape}, "
+  if codes.shape != (n, k // 2) or codes.dtype != jnp.uint8:
+    raise ValueError(f"codes must be uint8 ({n}, {k // 2}) for x {x.shape}, "
                      f"got {codes.dtype} {codes.shape}")
   if params.shape != (k // group_size, 4, n):
     raise ValueError(f"params must be {(k // group_size, 4, n)}, got "
@@ -178,7 +211,7 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
           memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((cta_rows, kb), lambda s: (0, s),
-                              transforms=_swizzled(jnp.int8, kb)),
+                              transforms=_swizzled(jnp.uint8, kb)),
               plgpu.BlockSpec((tokens, kb), lambda s: (0, s),
                               transforms=_swizzled(dtype, kb)),
               plgpu.BlockSpec((tokens, kb), lambda s: (0, steps + s),
@@ -239,12 +272,8 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
           z_lo = _load(plo_smem.at[0, 1, wg_rows], row_vec)
           s_hi = _load(phi_smem.at[0, 0, wg_rows], row_vec)
           z_hi = _load(phi_smem.at[0, 1, wg_rows], row_vec)
-          q = q_smem[wg_rows]
-          lo = (q & jnp.int8(0x0F)).astype(dtype)
-          hi = ((q ^ jnp.int8(-128)) & jnp.int8(-16)).astype(dtype)
-          full = lambda v: lax.broadcast_in_dim(v, (rows, kb), (0,))
-          w_lo = (lo - full(z_lo)) * full(s_lo)
-          w_hi = (hi - full(z_hi)) * full(s_hi)
+          w_lo, w_hi = dequantize_tile(q_smem[wg_rows], (s_lo, z_lo),
+                                       (s_hi, z_hi), dtype)
           plgpu.wgmma(acc_ref, w_lo, _transposed(xlo_smem))
           plgpu.wgmma(acc_ref, w_hi, _transposed(xhi_smem))
           plgpu.wgmma_wait(0)
@@ -271,11 +300,6 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
   )(codes, x, params)
 
 
-def as_codes(qvalue: jax.Array) -> jax.Array:
-  """The planar uint8 bytes as the int8 the kernel reads (a bitcast)."""
-  return lax.bitcast_convert_type(qvalue, jnp.int8)
-
-
 def qmatmul_fwd(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
                 zero_point: jax.Array | None, *, group_size: int,
                 cfg: MgpuConfig = MgpuConfig(), num_sms: int = 132
@@ -283,5 +307,51 @@ def qmatmul_fwd(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
   """`y (M, N) = x @ deq(W)^T` for a 4-bit QArray's leaves (qvalue
   `(N, K/2)` uint8, dense scale and optional zero point `(N, G)`)."""
   params = group_params(scale, zero_point, x.dtype)
-  return fused_fwd(x, as_codes(qvalue), params, group_size=group_size,
+  return fused_fwd(x, qvalue, params, group_size=group_size,
                    cfg=cfg, num_sms=num_sms)
+
+
+def can_use(x2d: jax.Array, w, cfg: MgpuConfig = MgpuConfig()
+            ) -> tuple[bool, str]:
+  """Whether `fwd(x2d, w)` can run, and if not, why (a sentence): a Hopper
+  GPU (compute capability 9.0), a 4-bit uniform QArray without batch axes,
+  bf16 x `(M, K)` with M >= MIN_M and the shapes `check_shapes` accepts."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  if not jax_supports():
+    return False, f"jax {jax.__version__} < {MIN_JAX} cannot lower it"
+  if jax.default_backend() != "gpu":
+    return False, f"the default backend is {jax.default_backend()!r}"
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if cc is None or not str(cc).startswith("9."):
+    return False, f"compute capability {cc} is not Hopper's 9.x"
+  if not isinstance(w, qa.QArray) or w.batch_shape:
+    return False, "the weight is not a QArray without batch axes"
+  if w.bits != BITS or w.codebook is not None:
+    return False, f"{w.bits}-bit codes (codebook {w.codebook}) are not 4-bit uniform"
+  if w.zero_point is not None and w.zero_point.dtype != jnp.uint8:
+    return False, f"zero points must be uint8, got {w.zero_point.dtype}"
+  if x2d.ndim != 2 or jnp.dtype(x2d.dtype) not in DTYPES:
+    return False, f"x must be 2-D bf16, got {x2d.dtype} {tuple(x2d.shape)}"
+  n, k = w.shape
+  if x2d.shape[1] != k:
+    return False, f"x has {x2d.shape[1]} columns, the weight needs {k}"
+  if x2d.shape[0] < MIN_M:
+    return False, f"M={x2d.shape[0]} < {MIN_M} (decode and prefill: Triton)"
+  try:
+    check_shapes(x2d.shape[0], n, k, qa.resolve_group_size(w.group_size, k),
+                 cfg)
+  except ValueError as e:
+    return False, str(e)
+  return True, "ok"
+
+
+def fwd(x2d: jax.Array, w, cfg: MgpuConfig = MgpuConfig()) -> jax.Array:
+  """`x2d (M, K) @ dequantize(w)^T -> (M, N)` for a QArray `can_use`
+  accepts (double-quantized scales are expanded first)."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  ok, reason = can_use(x2d, w, cfg)
+  if not ok:
+    raise ValueError(f"qmatmul_mgpu.fwd cannot run: {reason}")
+  return qmatmul_fwd(x2d, w.qvalue, qa.dense_scale(w), w.zero_point,
+                     group_size=qa.resolve_group_size(w.group_size, w.shape[1]),
+                     cfg=cfg, num_sms=jax.devices()[0].core_count)

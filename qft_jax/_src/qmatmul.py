@@ -62,9 +62,11 @@ class WeightWithProbe:
 
 
 # With `implementation=None` the Pallas kernels are used only where they were
-# measured faster than XLA's dequantize-then-matmul on the H100 (decode-sized
-# M; experiments/results/kernels_h100_2026-11-27.json): at M >= 256 and for
-# the 3-bit input gradient XLA wins today.
+# measured faster than XLA's dequantize-then-matmul on the H100: decode-sized
+# M (experiments/results/kernels_h100_2026-11-27.json), and the forward at
+# training shapes where the Mosaic GPU kernel applies (4-bit uniform codes on
+# Hopper, `kernels.can_use_mosaic`; mgpu_train_h100_2026-11-28.json). Else,
+# at M > AUTO_PALLAS_MAX_M and for the 3-bit input gradient, XLA wins today.
 AUTO_PALLAS_MAX_M = 16
 
 
@@ -72,16 +74,16 @@ def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
                 gate: str = "can_use") -> bool:
   if implementation == "xla":
     return False
-  if implementation is None and (
-      x2d.shape[0] > AUTO_PALLAS_MAX_M
-      or (gate == "can_use_dx" and w.bits == 3)):
-    return False
   forced = implementation in ("pallas", "pallas_interpret")
   try:
     from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
   except ImportError:
     if forced:
       raise
+    return False
+  if implementation is None and x2d.shape[0] > AUTO_PALLAS_MAX_M:
+    return gate == "can_use" and kernels.can_use_mosaic(x2d, w)[0]
+  if implementation is None and gate == "can_use_dx" and w.bits == 3:
     return False
   ok, reason = getattr(kernels, gate)(
       x2d, w, interpret=implementation == "pallas_interpret")

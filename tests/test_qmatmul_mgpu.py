@@ -1,0 +1,144 @@
+"""The Mosaic GPU 4-bit training forward (pallas_kernels/qmatmul_mgpu.py).
+
+Mosaic GPU has no interpreter for a register-operand wgmma, so the CPU tests
+check the pieces: the reference against `qa.dequantize`, the kernel's own
+per-step dequantization (`dequantize_tile`, the function the kernel body
+calls) bit for bit against `qa.dequantize`, the shape rules and the gate,
+and the lowering for CUDA (jax >= 0.11, see `MIN_JAX`). `TestMgpuGpu` runs
+the kernel against the float32 reference on a Hopper GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import qmatmul as kq
+from pallas_kernels import qmatmul_mgpu as mg
+from qft_jax._src import qarray as qa
+from qft_jax._src import qmatmul as qm
+
+
+def _weight(key, n, k, group=128, symmetric=False):
+  cfg = qa.QuantConfig(bits=4, group_size=group, symmetric=symmetric,
+                       scale_dtype=jnp.bfloat16)
+  return qa.random_qarray(jax.random.PRNGKey(key), (n, k), cfg)
+
+
+def _zero(w):
+  return None if w.zero_point is None else w.zero_point
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_reference_is_x_times_dequantized_weight(symmetric):
+  w = _weight(0, 64, 512, symmetric=symmetric)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 512), jnp.float32)
+  got = mg.reference(x, w.qvalue, w.scale, _zero(w), 128)
+  want = x @ qa.dequantize(w, jnp.float32).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("block_kb", [32, 64])
+def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
+  """Every step's tile, dequantized as the kernel does it (int8 masks, the
+  flipped top bit, the (G, 4, N) group parameters), equals
+  `qa.dequantize(w, bf16)` exactly: each weight is rounded once."""
+  n, k, g = 64, 1024, 128
+  w = _weight(2, n, k, g, symmetric)
+  params = mg.group_params(w.scale, _zero(w))
+  want = np.asarray(qa.dequantize(w, jnp.bfloat16).astype(jnp.float32))
+  half = k // 2
+  for j in range(0, half, block_kb):
+    lo_g, hi_g = j // g, (half + j) // g
+    w_lo, w_hi = mg.dequantize_tile(
+        w.qvalue[:, j:j + block_kb], (params[lo_g, 0], params[lo_g, 1]),
+        (params[hi_g, 2], params[hi_g, 3]), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(w_lo.astype(jnp.float32)),
+                                  want[:, j:j + block_kb])
+    np.testing.assert_array_equal(np.asarray(w_hi.astype(jnp.float32)),
+                                  want[:, half + j:half + j + block_kb])
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((4096, 4096 + 64, 4096, 128), "N=4160 must be a multiple"),
+    ((4000, 4096, 4096, 128), "M=4000 must be a multiple"),
+    ((4096, 4096, 4096, 96), "group size 96 must be a multiple"),
+    ((4096, 4096, 4096 - 256, 256), "K/2=1920 must be a multiple"),
+])
+def test_check_shapes_names_the_broken_rule(shape, message):
+  with pytest.raises(ValueError, match=message):
+    mg.check_shapes(*shape, mg.MgpuConfig())
+
+
+def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
+  w = _weight(3, 256, 1024)
+  x = jnp.ones((1024, 1024), jnp.bfloat16)
+  ok, reason = kq.can_use_mosaic(x, w)
+  if jax.default_backend() != "gpu":
+    assert not ok and ("backend" in reason or "jax" in reason), reason
+    assert not qm._use_pallas(x, w, None)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="cannot run"):
+    mg.fwd(x[:8], w)
+
+
+@pytest.mark.skipif(not mg.jax_supports(),
+                    reason=f"jax {jax.__version__} < {mg.MIN_JAX} cannot "
+                           "lower the kernel (see MIN_JAX)")
+def test_lowers_for_cuda():
+  m, n, k, g = 1024, 512, 1024, 128
+  f = jax.jit(functools.partial(mg.qmatmul_fwd, group_size=g))
+  text = f.trace(
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+      jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+      jax.ShapeDtypeStruct((n, k // g), jnp.bfloat16),
+      jax.ShapeDtypeStruct((n, k // g), jnp.uint8),
+  ).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+class TestMgpuGpu:
+  """On a Hopper GPU: the kernel against the float32 reference, fresh
+  random data, and `qmatmul.fwd` / `qdot` taking it by default."""
+
+  @pytest.fixture(autouse=True)
+  def _hopper(self):
+    if jax.default_backend() != "gpu":
+      pytest.skip("needs a GPU")
+    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+    if not cc.startswith("9."):
+      pytest.skip(f"needs Hopper, got compute capability {cc}")
+
+  @pytest.mark.parametrize("n, k, symmetric", [(1024, 2048, False),
+                                               (512, 1024, True),
+                                               (768, 4352, False)])
+  def test_matches_reference(self, n, k, symmetric):
+    w = _weight(n + k, n, k, symmetric=symmetric)
+    x = jax.random.normal(jax.random.PRNGKey(k), (1024, k), jnp.bfloat16)
+    assert kq.can_use_mosaic(x, w)[0]
+    got = jax.jit(kq.fwd)(x, w).astype(jnp.float32)
+    assert got.shape == (1024, n)
+    ref = mg.reference(x, w.qvalue, w.scale, _zero(w), 128)
+    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert err < 1e-2, err
+
+  def test_qdot_default_takes_it(self):
+    w = _weight(5, 512, 1024)
+    x = jax.random.normal(jax.random.PRNGKey(6), (4, 256, 1024),
+                          jnp.bfloat16)
+    assert qm._use_pallas(x.reshape(-1, 1024), w, None)  # pylint: disable=protected-access
+    got = jax.jit(qm.qdot)(x, w).astype(jnp.float32)
+    want = qm.qdot(x, w, implementation="xla").astype(jnp.float32)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert err < 1e-2, err
+
+
+def test_benchmark_configs_fit_its_shapes():
+  """experiments/bench_mgpu_train.py's configs accept its three shapes."""
+  from experiments import bench_mgpu_train as bench  # pylint: disable=g-import-not-at-top
+  for cfg in bench.CONFIGS:
+    for n, k in bench.SHAPES:
+      mg.check_shapes(bench.M, n, k, bench.GROUP, cfg)
