@@ -335,6 +335,23 @@ def make_jobs(m, n, k, bits, tuning=None, which=("ours", "deq", "check")):
   return jobs
 
 
+def _row_kernel(op, m, n, k, bits) -> dict:
+  """The kernel and config `qmatmul.fwd` / `dx` pick for this row: the
+  Mosaic GPU forward where its gate passes, else the Triton table's."""
+  from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import qmatmul_mgpu  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import tuning as tuning_lib  # pylint: disable=g-import-not-at-top
+  _, jnp = _jax_setup()
+  if op == "fwd":
+    x, w, _ = _check_args(True, op=op, m=m, n=n, k=k, bits=bits)
+    if kq.can_use_mosaic(x, w)[0]:
+      return dict(kernel="mosaic_gpu",
+                  config=dataclasses.asdict(qmatmul_mgpu.MgpuConfig()))
+  return dict(kernel="triton", config=dataclasses.asdict(tuning_lib.choose(
+      op, m, n, k, 4 if bits == "nf4" else bits, codebook=bits == "nf4",
+      dtype=jnp.bfloat16)))
+
+
 def make_bf16_jobs(m, n, k):
   jax, jnp = _jax_setup()
   r = _copies(2 * n * k)
@@ -755,7 +772,6 @@ def main():
 
   peer_rows = {(r["M"], r["N"], r["K"]): r for r in peer.get("rows", [])}
   cl = result["ceilings"]
-  from pallas_kernels import tuning as tuning_lib  # pylint: disable=g-import-not-at-top
   for n, k in SHAPES:
     for m in ms:
       pr = peer_rows.get((m, n, k), {})
@@ -788,9 +804,7 @@ def main():
               ours_pct_roofline=100 * roof_ms / ours,
               bytes_bound=q_bytes / (cl["copy_GBps"] * 1e6)
               > flops / (cl["bf16_matmul_TFLOPs"] * 1e9),
-              config=dataclasses.asdict(tuning_lib.choose(
-                  op, m, n, k, 4 if bits == "nf4" else bits,
-                  codebook=bits == "nf4", dtype=jnp.bfloat16)))
+              **_row_kernel(op, m, n, k, bits))
           if isinstance(bf, float):
             row["speedup_vs_xla_bf16"] = bf / ours
           if cub:
