@@ -33,6 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pallas_kernels import qmatmul_mgpu as mg  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import qmatmul_mgpu_dx as mdx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 M = 4096
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -53,6 +54,11 @@ CONFIGS = (
     mg.MgpuConfig(rows=64, tokens=256, block_kb=32, stages=4),
     mg.MgpuConfig(grid_tile_width=8),
 )
+DX_CONFIGS = (
+    mdx.DxConfig(),
+    mdx.DxConfig(block_n=128, stages=2),
+    mdx.DxConfig(tokens=64),
+)
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 
 
@@ -63,6 +69,13 @@ def _leaves(w):
 
 def lower_all() -> None:
   n, k = SHAPES[0]
+  for cfg in DX_CONFIGS:
+    f = jax.jit(functools.partial(mdx.fused_dx, group_size=GROUP, cfg=cfg))
+    f.trace(jax.ShapeDtypeStruct((M, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((k // GROUP, 4, n), jnp.bfloat16)
+            ).lower(lowering_platforms=("cuda",))
+    print("lowered", cfg, flush=True)
   x = jax.ShapeDtypeStruct((M, k), jnp.bfloat16)
   q = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8)
   s = jax.ShapeDtypeStruct((n, k // GROUP), jnp.bfloat16)
@@ -73,10 +86,46 @@ def lower_all() -> None:
     print("lowered", cfg, flush=True)
 
 
+def run_dx(timed, rows, shape, xs, ws, n, k, flops):
+  """dx rows: XLA bf16 `dy @ W`, the Triton table, each DX_CONFIGS entry
+  (group parameters prepared by XLA, counted)."""
+  from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
+  num_sms = jax.devices()[0].core_count
+  dys = [x[:, :n] if n <= k else jnp.tile(x, (1, -(-n // k)))[:, :n]
+         for x in xs]
+  bf16 = timed("xla_bf16", lambda dy, w: jnp.dot(
+      dy, w, preferred_element_type=jnp.float32).astype(dy.dtype),
+               [(dy, jax.random.normal(jax.random.PRNGKey(i), (n, k),
+                                       jnp.bfloat16) * 0.02)
+                for i, dy in enumerate(dys)], **shape)
+  timed("triton_table", lambda dy, w: kq.dx(dy, w), list(zip(dys, ws)),
+        **shape)
+  fresh = ws[0]
+  dy0 = jax.random.normal(jax.random.PRNGKey(int(time.time())), (M, n),
+                          jnp.bfloat16)
+  ref = mdx.reference(dy0, fresh.qvalue, fresh.scale, fresh.zero_point,
+                      GROUP)
+  for cfg in DX_CONFIGS:
+    call = lambda dy, w, cfg=cfg: mdx.fused_dx(
+        dy, w.qvalue, mg.group_params(w.scale, w.zero_point),
+        group_size=GROUP, cfg=cfg, num_sms=num_sms)
+    row = timed("mgpu_dx", call, list(zip(dys, ws)),
+                **dict(shape, config=dataclasses.asdict(cfg)))
+    if "us" not in row:
+      continue
+    got = jax.jit(call)(dy0, fresh).astype(jnp.float32)
+    err = jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)
+    row["rel_err"] = float(jnp.where(jnp.isfinite(err), err, jnp.inf))
+    row["tflops"] = flops / row["us"] / 1e6
+    row["vs_bf16"] = bf16.get("us", float("nan")) / row["us"]
+    print("  rel_err", row["rel_err"], "vs bf16", row["vs_bf16"], flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   ap.add_argument("--lower_only", action="store_true")
+  ap.add_argument("--op", choices=("fwd", "dx"), default="fwd")
   args = ap.parse_args()
   if args.lower_only:
     lower_all()
@@ -108,6 +157,9 @@ def main():
     xs = [jax.random.normal(kk, (M, k), jnp.bfloat16)
           for kk in jax.random.split(jax.random.PRNGKey(7), r)]
     flops = 2 * M * n * k
+    if args.op == "dx":
+      run_dx(timed, rows, shape, xs, ws, n, k, flops)
+      continue
     bf16 = timed("xla_bf16", lambda x, w: jnp.dot(
         x, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
                  [(x, (jax.random.normal(jax.random.PRNGKey(i), (n, k),
@@ -142,7 +194,7 @@ def main():
             prepped, **extra)
   gpu = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
-  path = pathlib.Path(args.out) / f"mgpu_train_h100_{date}.json"
+  path = pathlib.Path(args.out) / f"mgpu_train_{args.op}_h100_{date}.json"
   path.write_text(json.dumps(dict(
       gpu=gpu, jax=jax.__version__, commit=os.environ.get("COMMIT", "unknown"),
       date=date, timing=timer.method, what=__doc__.splitlines()[0],
