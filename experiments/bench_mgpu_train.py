@@ -54,15 +54,17 @@ CONFIGS = (
     mg.MgpuConfig(rows=64, tokens=256, block_kb=32, stages=4),
     mg.MgpuConfig(grid_tile_width=8),
 )
-# dx run 1 (mgpu_train_dx_h100_2026-11-28.json): 128-token tiles 282.1 /
-# 739.2 / 866.5 us (best of block_n 64 / 128) against XLA bf16 183.7 / 486.2
-# / 553.1 and the Triton table 405.3 / 1087.6 / 1299.8; 64-token tiles about
-# 2x slower. Every CTA dequantizes its weight columns again, so run 2 halves
-# the dequantization per MMA: 256-token tiles over 32 byte columns.
+# dx run 1 (mgpu_train_dx_h100_2026-11-28.json): 128-token tiles 298.5 /
+# 742.0 / 866.5 us with block_n 64 (282.1 / 739.2 / 908.1 with 128, two
+# stages) against XLA bf16 183.7 / 486.2 / 553.1 and the Triton table
+# 405.3 / 1087.6 / 1299.8; 64-token tiles about 2x slower. 256-token tiles
+# over 32 byte columns (half the dequantization per MMA) do not lower as
+# written: the epilogue's 32-column slices of the accumulator cut its
+# 64-column tiles.
 DX_CONFIGS = (
+    mdx.DxConfig(),
     mdx.DxConfig(block_n=128, stages=2),
-    mdx.DxConfig(tokens=256, block_kb=32),
-    mdx.DxConfig(tokens=256, block_kb=32, block_n=128, stages=2),
+    mdx.DxConfig(tokens=64),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 

@@ -26,14 +26,15 @@ import jax.numpy as jnp
 from pallas_kernels import qmatmul_dx
 from pallas_kernels import qmatmul_fwd
 from pallas_kernels import qmatmul_mgpu
+from pallas_kernels import qmatmul_mgpu_dx
 from pallas_kernels import tiles
 from pallas_kernels import tuning as tuning_lib
 from pallas_kernels.reference import reference, reference_dx
 from pallas_kernels.tuning import TuningConfig
 from qft_jax._src import qarray as qa
 
-__all__ = ["can_use", "can_use_dx", "can_use_mosaic", "fwd", "dx",
-           "reference", "reference_dx", "TuningConfig"]
+__all__ = ["can_use", "can_use_dx", "can_use_mosaic", "can_use_mosaic_dx",
+           "fwd", "dx", "reference", "reference_dx", "TuningConfig"]
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_WORD_TILE = 16  # smallest contraction / output tile of the matrix units
@@ -118,6 +119,11 @@ def can_use_mosaic(x2d, w) -> tuple[bool, str]:
   return qmatmul_mgpu.can_use(x2d, w)
 
 
+def can_use_mosaic_dx(dy2d, w) -> tuple[bool, str]:
+  """Whether `dx` takes the Mosaic GPU kernel (`qmatmul_mgpu_dx.can_use`)."""
+  return qmatmul_mgpu_dx.can_use(dy2d, w)
+
+
 def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
         tuning: TuningConfig | None = None,
         out_init: jax.Array | None = None) -> jax.Array:
@@ -151,10 +157,13 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
        out_init: jax.Array | None = None) -> jax.Array:
   """`dy2d (M, N) @ dequantize(w) -> (M, K)` in dy2d.dtype.
 
-  Args and Raises: as `fwd`, with `can_use_dx` and an `(M, K)` `out_init`.
+  Args and Raises: as `fwd`, with `can_use_dx`, `can_use_mosaic_dx` and an
+  `(M, K)` `out_init`.
   """
   ok, reason = can_use_dx(dy2d, w, interpret=interpret)
   if not ok:
     raise ValueError(f"qmatmul.dx cannot run: {reason}")
+  if tuning is None and not interpret and can_use_mosaic_dx(dy2d, w)[0]:
+    return qmatmul_mgpu_dx.dx(dy2d, w)
   return qmatmul_dx.dx(dy2d, w, interpret=interpret, tuning=tuning,
                        out_init=out_init)

@@ -311,38 +311,49 @@ def qmatmul_fwd(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
                    cfg=cfg, num_sms=num_sms)
 
 
+def gate_reason(a2d: jax.Array, w, cols: int, name: str) -> str | None:
+  """None when the device, jax, the weight and `a2d`'s dtype and size suit
+  the Mosaic kernels (`cols`: the columns `a2d` must have), else why."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  if not jax_supports():
+    return f"jax {jax.__version__} < {MIN_JAX} cannot lower it"
+  if jax.default_backend() != "gpu":
+    return f"the default backend is {jax.default_backend()!r}"
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if cc is None or not str(cc).startswith("9."):
+    return f"compute capability {cc} is not Hopper's 9.x"
+  if not isinstance(w, qa.QArray) or w.batch_shape:
+    return "the weight is not a QArray without batch axes"
+  if w.bits != BITS or w.codebook is not None:
+    return f"{w.bits}-bit codes (codebook {w.codebook}) are not 4-bit uniform"
+  if w.zero_point is not None and w.zero_point.dtype != jnp.uint8:
+    return f"zero points must be uint8, got {w.zero_point.dtype}"
+  if a2d.ndim != 2 or jnp.dtype(a2d.dtype) not in DTYPES:
+    return f"{name} must be 2-D bf16, got {a2d.dtype} {tuple(a2d.shape)}"
+  if a2d.shape[1] != cols:
+    return f"{name} has {a2d.shape[1]} columns, the weight needs {cols}"
+  if a2d.shape[0] < MIN_M:
+    return f"M={a2d.shape[0]} < {MIN_M} (decode and prefill: Triton)"
+  return None
+
+
 def can_use(x2d: jax.Array, w, cfg: MgpuConfig = MgpuConfig()
             ) -> tuple[bool, str]:
   """Whether `fwd(x2d, w)` can run, and if not, why (a sentence): a Hopper
-  GPU (compute capability 9.0), a 4-bit uniform QArray without batch axes,
-  bf16 x `(M, K)` with M >= MIN_M and the shapes `check_shapes` accepts."""
+  GPU (compute capability 9.x), jax >= MIN_JAX, a 4-bit uniform QArray
+  without batch axes, bf16 x `(M, K)` with M >= MIN_M and the shapes
+  `check_shapes` accepts."""
   from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
-  if not jax_supports():
-    return False, f"jax {jax.__version__} < {MIN_JAX} cannot lower it"
-  if jax.default_backend() != "gpu":
-    return False, f"the default backend is {jax.default_backend()!r}"
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  if cc is None or not str(cc).startswith("9."):
-    return False, f"compute capability {cc} is not Hopper's 9.x"
-  if not isinstance(w, qa.QArray) or w.batch_shape:
-    return False, "the weight is not a QArray without batch axes"
-  if w.bits != BITS or w.codebook is not None:
-    return False, f"{w.bits}-bit codes (codebook {w.codebook}) are not 4-bit uniform"
-  if w.zero_point is not None and w.zero_point.dtype != jnp.uint8:
-    return False, f"zero points must be uint8, got {w.zero_point.dtype}"
-  if x2d.ndim != 2 or jnp.dtype(x2d.dtype) not in DTYPES:
-    return False, f"x must be 2-D bf16, got {x2d.dtype} {tuple(x2d.shape)}"
-  n, k = w.shape
-  if x2d.shape[1] != k:
-    return False, f"x has {x2d.shape[1]} columns, the weight needs {k}"
-  if x2d.shape[0] < MIN_M:
-    return False, f"M={x2d.shape[0]} < {MIN_M} (decode and prefill: Triton)"
-  try:
-    check_shapes(x2d.shape[0], n, k, qa.resolve_group_size(w.group_size, k),
-                 cfg)
-  except ValueError as e:
-    return False, str(e)
-  return True, "ok"
+  reason = gate_reason(x2d, w, w.shape[1] if hasattr(w, "shape") else -1,
+                       "x")
+  if reason is None:
+    n, k = w.shape
+    try:
+      check_shapes(x2d.shape[0], n, k,
+                   qa.resolve_group_size(w.group_size, k), cfg)
+    except ValueError as e:
+      reason = str(e)
+  return reason is None, reason or "ok"
 
 
 def fwd(x2d: jax.Array, w, cfg: MgpuConfig = MgpuConfig()) -> jax.Array:

@@ -13,6 +13,11 @@ columns (each warpgroup `block_kb`, i.e. `2 * block_kb` output columns, half
 in each plane); the pipeline walks the contraction N in `block_n` rows. The
 group of a CTA's columns is fixed (`2 * block_kb` divides the group size),
 so each step needs one `(block_n,)` vector of s, z per plane.
+
+`qmatmul.dx` takes this kernel where `can_use` passes (as `qmatmul.fwd`
+takes `qmatmul_mgpu`'s); qdot's default input gradient at training shapes
+stays XLA's dequantize-then-matmul, which is faster still
+(mgpu_train_dx_h100_2026-11-28.json).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class DxConfig:
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
                  cfg: DxConfig) -> None:
+  """Raises ValueError naming the first shape rule (M, N, K, g) broken."""
   half, cols = k // 2, 2 * cfg.block_kb
   rules = (
       (k % 2 == 0, f"K={k} must be even (two 4-bit planes)"),
@@ -174,6 +180,36 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
           out_smem=plgpu.SMEM((2, tokens, kb), dtype,
                               transforms=mg._swizzled(dtype, kb))),  # pylint: disable=protected-access
   )(dy, codes, params)
+
+
+def can_use(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()
+            ) -> tuple[bool, str]:
+  """Whether `dx(dy2d, w)` can run, and if not, why: as
+  `qmatmul_mgpu.can_use`, with dy `(M, N)` and this kernel's shape rules."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  reason = mg.gate_reason(dy2d, w, w.shape[0] if hasattr(w, "shape") else -1,
+                          "dy")
+  if reason is None:
+    n, k = w.shape
+    try:
+      check_shapes(dy2d.shape[0], n, k,
+                   qa.resolve_group_size(w.group_size, k), cfg)
+    except ValueError as e:
+      reason = str(e)
+  return reason is None, reason or "ok"
+
+
+def dx(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()) -> jax.Array:
+  """`dy2d (M, N) @ dequantize(w) -> (M, K)` for a QArray `can_use`
+  accepts."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  ok, reason = can_use(dy2d, w, cfg)
+  if not ok:
+    raise ValueError(f"qmatmul_mgpu_dx.dx cannot run: {reason}")
+  params = mg.group_params(qa.dense_scale(w), w.zero_point, dy2d.dtype)
+  return fused_dx(dy2d, w.qvalue, params,
+                  group_size=qa.resolve_group_size(w.group_size, w.shape[1]),
+                  cfg=cfg, num_sms=jax.devices()[0].core_count)
 
 
 def reference(dy, qvalue, scale, zero_point, group_size):

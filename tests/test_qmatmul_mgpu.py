@@ -1,4 +1,5 @@
-"""The Mosaic GPU 4-bit training forward (pallas_kernels/qmatmul_mgpu.py).
+"""The Mosaic GPU 4-bit training kernels (pallas_kernels/qmatmul_mgpu.py,
+forward, and qmatmul_mgpu_dx.py, input gradient).
 
 Mosaic GPU has no interpreter for a register-operand wgmma, so the CPU tests
 check the pieces: the reference against `qa.dequantize`, the kernel's own
@@ -17,6 +18,7 @@ import pytest
 
 from pallas_kernels import qmatmul as kq
 from pallas_kernels import qmatmul_mgpu as mg
+from pallas_kernels import qmatmul_mgpu_dx as mdx
 from qft_jax._src import qarray as qa
 from qft_jax._src import qmatmul as qm
 
@@ -73,6 +75,25 @@ def test_check_shapes_names_the_broken_rule(shape, message):
     mg.check_shapes(*shape, mg.MgpuConfig())
 
 
+def test_dx_reference_is_dy_times_dequantized_weight():
+  w = _weight(7, 64, 512)
+  dy = jax.random.normal(jax.random.PRNGKey(8), (8, 64), jnp.float32)
+  got = mdx.reference(dy, w.qvalue, w.scale, w.zero_point, 128)
+  np.testing.assert_allclose(got, dy @ qa.dequantize(w, jnp.float32),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((4096, 4096 + 32, 4096, 128), "N=4128 must be a multiple of block_n"),
+    ((4000, 4096, 4096, 128), "M=4000 must be a multiple"),
+    ((4096, 4096, 4096, 64), "group size 64 must be a multiple of 2"),
+    ((4096, 4096, 4096 - 256, 256), "K/2=1920 must be a multiple"),
+])
+def test_dx_check_shapes_names_the_broken_rule(shape, message):
+  with pytest.raises(ValueError, match=message):
+    mdx.check_shapes(*shape, mdx.DxConfig())
+
+
 def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
   w = _weight(3, 256, 1024)
   x = jnp.ones((1024, 1024), jnp.bfloat16)
@@ -82,6 +103,11 @@ def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
     assert not qm._use_pallas(x, w, None)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="cannot run"):
     mg.fwd(x[:8], w)
+  ok_dx, reason_dx = kq.can_use_mosaic_dx(x[:, :256], w)
+  if jax.default_backend() != "gpu":
+    assert not ok_dx, reason_dx
+  with pytest.raises(ValueError, match="cannot run"):
+    mdx.dx(x[:8, :256], w)
 
 
 @pytest.mark.skipif(not mg.jax_supports(),
@@ -95,6 +121,13 @@ def test_lowers_for_cuda():
       jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
       jax.ShapeDtypeStruct((n, k // g), jnp.bfloat16),
       jax.ShapeDtypeStruct((n, k // g), jnp.uint8),
+  ).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  dx = jax.jit(functools.partial(mdx.fused_dx, group_size=g))
+  text = dx.trace(
+      jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+      jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+      jax.ShapeDtypeStruct((k // g, 4, n), jnp.bfloat16),
   ).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -125,6 +158,19 @@ class TestMgpuGpu:
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
+  @pytest.mark.parametrize("n, k, symmetric", [(1024, 2048, False),
+                                               (512, 1024, True),
+                                               (768, 4352, False)])
+  def test_dx_matches_reference(self, n, k, symmetric):
+    w = _weight(n + k + 1, n, k, symmetric=symmetric)
+    dy = jax.random.normal(jax.random.PRNGKey(n), (1024, n), jnp.bfloat16)
+    assert kq.can_use_mosaic_dx(dy, w)[0]
+    got = jax.jit(kq.dx)(dy, w).astype(jnp.float32)
+    assert got.shape == (1024, k)
+    ref = mdx.reference(dy, w.qvalue, w.scale, _zero(w), 128)
+    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert err < 1e-2, err
+
   def test_qdot_default_takes_it(self):
     w = _weight(5, 512, 1024)
     x = jax.random.normal(jax.random.PRNGKey(6), (4, 256, 1024),
@@ -139,6 +185,8 @@ class TestMgpuGpu:
 def test_benchmark_configs_fit_its_shapes():
   """experiments/bench_mgpu_train.py's configs accept its three shapes."""
   from experiments import bench_mgpu_train as bench  # pylint: disable=g-import-not-at-top
-  for cfg in bench.CONFIGS:
-    for n, k in bench.SHAPES:
+  for n, k in bench.SHAPES:
+    for cfg in bench.CONFIGS:
       mg.check_shapes(bench.M, n, k, bench.GROUP, cfg)
+    for cfg in bench.DX_CONFIGS:
+      mdx.check_shapes(bench.M, n, k, bench.GROUP, cfg)
