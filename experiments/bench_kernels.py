@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -177,6 +178,19 @@ class Timer:
       jax.block_until_ready(compiled(*args))
       times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times) / per_call
+
+
+def write_rows(out_dir: str, stem: str, timer, rows: list, what: str):
+  """Writes `rows` with the run's GPU, jax, commit and date to
+  `out_dir/<stem>_h100_<date>.json` (the probe scripts' format)."""
+  jax, _ = _jax_setup()
+  date = datetime.date.today().isoformat()
+  path = pathlib.Path(out_dir) / f"{stem}_h100_{date}.json"
+  path.write_text(json.dumps(dict(
+      gpu=jax.devices()[0].device_kind, jax=jax.__version__,
+      commit=os.environ.get("COMMIT", "unknown"), date=date,
+      timing=timer.method, what=what, rows=rows), indent=1))
+  print("wrote", path, time.strftime("%X"))
 
 
 def ceilings(timer) -> dict:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -107,7 +105,8 @@ def run_dx(timed, rows, shape, xs, ws, n, k, flops):
                 for i, dy in enumerate(dys)], **shape)
   timed("triton_table", lambda dy, w: kq.dx(dy, w), list(zip(dys, ws)),
         **shape)
-  fresh = ws[0]
+  from experiments import bench_kernels as bk  # pylint: disable=g-import-not-at-top
+  fresh = bk._random_weight(jax.random.PRNGKey(int(time.time())), n, k, 4)  # pylint: disable=protected-access
   dy0 = jax.random.normal(jax.random.PRNGKey(int(time.time())), (M, n),
                           jnp.bfloat16)
   ref = mdx.reference(dy0, fresh.qvalue, fresh.scale, fresh.zero_point,
@@ -199,14 +198,8 @@ def main():
       timed("mgpu_kernel_only", functools.partial(
           mg.fused_fwd, group_size=GROUP, cfg=cfg, num_sms=num_sms),
             prepped, **extra)
-  gpu = jax.devices()[0].device_kind
-  date = datetime.date.today().isoformat()
-  path = pathlib.Path(args.out) / f"mgpu_train_{args.op}_h100_{date}.json"
-  path.write_text(json.dumps(dict(
-      gpu=gpu, jax=jax.__version__, commit=os.environ.get("COMMIT", "unknown"),
-      date=date, timing=timer.method, what=__doc__.splitlines()[0],
-      rows=rows), indent=1))
-  print("wrote", path, time.strftime("%X"))
+  bk.write_rows(args.out, f"mgpu_train_{args.op}", timer, rows,
+                __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

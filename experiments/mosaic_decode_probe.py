@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
 import os
 import pathlib
 import sys
-import time
 import traceback
 
 import jax
@@ -236,14 +233,8 @@ def main():
         row["traceback"] = traceback.format_exc()[-2500:]
       rows.append(row)
       print(row, flush=True)
-  gpu = jax.devices()[0].device_kind
-  date = datetime.date.today().isoformat()
-  path = pathlib.Path(args.out) / f"mosaic_decode_h100_{date}.json"
-  path.write_text(json.dumps(dict(
-      gpu=gpu, jax=jax.__version__, commit=os.environ.get("COMMIT", "unknown"),
-      date=date, timing=timer.method, what=__doc__.splitlines()[0],
-      rows=rows), indent=1))
-  print("wrote", path, time.strftime("%X"))
+  bench_kernels.write_rows(args.out, "mosaic_decode", timer, rows,
+                           __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

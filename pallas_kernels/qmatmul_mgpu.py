@@ -115,15 +115,21 @@ def dequantize_tile(q: jax.Array, lo_params, hi_params, dtype):
   return (lo - full(z_lo)) * full(s_lo), (hi - full(z_hi)) * full(s_hi)
 
 
-def reference(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
-              zero_point: jax.Array | None, group_size: int) -> jax.Array:
-  """float32 `x @ deq(W)^T` from the planar codes `(N, K/2)` uint8."""
+def dequantized(qvalue: jax.Array, scale: jax.Array,
+                zero_point: jax.Array | None, group_size: int) -> jax.Array:
+  """float32 `deq(W) (N, K)` from the planar codes `(N, K/2)` uint8."""
   lo = (qvalue & 15).astype(jnp.float32)
   hi = (qvalue >> 4).astype(jnp.float32)
   q = jnp.concatenate([lo, hi], axis=1)  # (N, K)
   z = 8.0 if zero_point is None else zero_point.astype(jnp.float32)
   z = jnp.repeat(jnp.broadcast_to(z, scale.shape), group_size, axis=1)
-  w = (q - z) * jnp.repeat(scale.astype(jnp.float32), group_size, axis=1)
+  return (q - z) * jnp.repeat(scale.astype(jnp.float32), group_size, axis=1)
+
+
+def reference(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
+              zero_point: jax.Array | None, group_size: int) -> jax.Array:
+  """float32 `x @ deq(W)^T` from the planar codes `(N, K/2)` uint8."""
+  w = dequantized(qvalue, scale, zero_point, group_size)
   return x.astype(jnp.float32) @ w.T
 
 
@@ -286,18 +292,26 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  return launch(kernel, (m, n), dtype, num_sms, out_smem=plgpu.SMEM(
+      (2, slots, tokens, epi), dtype, transforms=_swizzled(dtype, epi)))(
+          codes, x, params)
+
+
+def launch(kernel, out_shape, dtype, num_sms: int, **scratch):
+  """`kernel` as a persistent warp-specialized Mosaic GPU kernel: one CTA
+  per SM (grid axis "sm"), two compute warpgroups and a memory warpgroup
+  (axis "wg"), Warpgroup lowering semantics."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   return plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((m, n), dtype),
+      out_type=jax.ShapeDtypeStruct(out_shape, dtype),
       grid=(num_sms,),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      scratch_types=dict(out_smem=plgpu.SMEM(
-          (2, slots, tokens, epi), dtype, transforms=_swizzled(dtype, epi))),
-  )(codes, x, params)
+      scratch_types=scratch)
 
 
 def qmatmul_fwd(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
@@ -337,23 +351,30 @@ def gate_reason(a2d: jax.Array, w, cols: int, name: str) -> str | None:
   return None
 
 
+def gate(a2d: jax.Array, w, op: str, shape_rules, cfg) -> tuple[bool, str]:
+  """`gate_reason` for `op` ("fwd": a2d is x `(M, K)`; "dx": dy `(M, N)`),
+  then `shape_rules(M, N, K, g, cfg)`: (ok, the first reason or "ok")."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  axis, name = (1, "x") if op == "fwd" else (0, "dy")
+  reason = gate_reason(a2d, w, w.shape[axis] if hasattr(w, "shape") else -1,
+                       name)
+  if reason is None:
+    n, k = w.shape
+    try:
+      shape_rules(a2d.shape[0], n, k, qa.resolve_group_size(w.group_size, k),
+                  cfg)
+    except ValueError as e:
+      reason = str(e)
+  return reason is None, reason or "ok"
+
+
 def can_use(x2d: jax.Array, w, cfg: MgpuConfig = MgpuConfig()
             ) -> tuple[bool, str]:
   """Whether `fwd(x2d, w)` can run, and if not, why (a sentence): a Hopper
   GPU (compute capability 9.x), jax >= MIN_JAX, a 4-bit uniform QArray
   without batch axes, bf16 x `(M, K)` with M >= MIN_M and the shapes
   `check_shapes` accepts."""
-  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
-  reason = gate_reason(x2d, w, w.shape[1] if hasattr(w, "shape") else -1,
-                       "x")
-  if reason is None:
-    n, k = w.shape
-    try:
-      check_shapes(x2d.shape[0], n, k,
-                   qa.resolve_group_size(w.group_size, k), cfg)
-    except ValueError as e:
-      reason = str(e)
-  return reason is None, reason or "ok"
+  return gate(x2d, w, "fwd", check_shapes, cfg)
 
 
 def fwd(x2d: jax.Array, w, cfg: MgpuConfig = MgpuConfig()) -> jax.Array:

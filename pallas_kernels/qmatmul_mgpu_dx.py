@@ -165,38 +165,20 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  return plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((m, k), dtype),
-      grid=(num_sms,),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      scratch_types=dict(
-          w_smem=plgpu.SMEM((2, bn, 2 * kb), dtype,
-                            transforms=mg._swizzled(dtype, 2 * kb)),  # pylint: disable=protected-access
-          out_smem=plgpu.SMEM((2, tokens, kb), dtype,
-                              transforms=mg._swizzled(dtype, kb))),  # pylint: disable=protected-access
-  )(dy, codes, params)
+  return mg.launch(
+      kernel, (m, k), dtype, num_sms,
+      w_smem=plgpu.SMEM((2, bn, 2 * kb), dtype,
+                        transforms=mg._swizzled(dtype, 2 * kb)),  # pylint: disable=protected-access
+      out_smem=plgpu.SMEM((2, tokens, kb), dtype,
+                          transforms=mg._swizzled(dtype, kb)))(  # pylint: disable=protected-access
+                              dy, codes, params)
 
 
 def can_use(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()
             ) -> tuple[bool, str]:
   """Whether `dx(dy2d, w)` can run, and if not, why: as
   `qmatmul_mgpu.can_use`, with dy `(M, N)` and this kernel's shape rules."""
-  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
-  reason = mg.gate_reason(dy2d, w, w.shape[0] if hasattr(w, "shape") else -1,
-                          "dy")
-  if reason is None:
-    n, k = w.shape
-    try:
-      check_shapes(dy2d.shape[0], n, k,
-                   qa.resolve_group_size(w.group_size, k), cfg)
-    except ValueError as e:
-      reason = str(e)
-  return reason is None, reason or "ok"
+  return mg.gate(dy2d, w, "dx", check_shapes, cfg)
 
 
 def dx(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()) -> jax.Array:
@@ -213,11 +195,6 @@ def dx(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()) -> jax.Array:
 
 
 def reference(dy, qvalue, scale, zero_point, group_size):
-  """float32 `dy @ deq(W)`."""
-  lo = (qvalue & 15).astype(jnp.float32)
-  hi = (qvalue >> 4).astype(jnp.float32)
-  q = jnp.concatenate([lo, hi], axis=1)
-  z = 8.0 if zero_point is None else zero_point.astype(jnp.float32)
-  z = jnp.repeat(jnp.broadcast_to(z, scale.shape), group_size, axis=1)
-  w = (q - z) * jnp.repeat(scale.astype(jnp.float32), group_size, axis=1)
+  """float32 `dy @ deq(W)` from the planar codes `(N, K/2)` uint8."""
+  w = mg.dequantized(qvalue, scale, zero_point, group_size)
   return dy.astype(jnp.float32) @ w
