@@ -210,37 +210,20 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
   slots = min(2, rows // epi)  # epilogue buffers per warpgroup
 
   def kernel(q_gmem, x_gmem, p_gmem, out_gmem, out_smem):
-    def get_pipeline(body, compute_context):
-      return plgpu.emit_pipeline_warp_specialized(
-          body,
-          grid=(steps,),
-          memory_registers=40,
-          in_specs=[
-              plgpu.BlockSpec((cta_rows, kb), lambda s: (0, s),
-                              transforms=_swizzled(jnp.uint8, kb)),
-              plgpu.BlockSpec((tokens, kb), lambda s: (0, s),
-                              transforms=_swizzled(dtype, kb)),
-              plgpu.BlockSpec((tokens, kb), lambda s: (0, steps + s),
-                              transforms=_swizzled(dtype, kb)),
-              plgpu.BlockSpec((1, 2, cta_rows),
-                              lambda s: (s // steps_per_group, 0, 0)),
-              plgpu.BlockSpec((1, 2, cta_rows),
-                              lambda s: (half_groups + s // steps_per_group,
-                                         1, 0)),
-          ],
-          wg_axis="wg",
-          num_compute_wgs=2,
-          max_concurrent_steps=cfg.stages,
-          compute_context=compute_context,
-      )
+    get_pipeline = pipeline_maker([
+        plgpu.BlockSpec((cta_rows, kb), lambda s: (0, s),
+                        transforms=_swizzled(jnp.uint8, kb)),
+        plgpu.BlockSpec((tokens, kb), lambda s: (0, s),
+                        transforms=_swizzled(dtype, kb)),
+        plgpu.BlockSpec((tokens, kb), lambda s: (0, steps + s),
+                        transforms=_swizzled(dtype, kb)),
+        plgpu.BlockSpec((1, 2, cta_rows),
+                        lambda s: (s // steps_per_group, 0, 0)),
+        plgpu.BlockSpec((1, 2, cta_rows),
+                        lambda s: (half_groups + s // steps_per_group, 1, 0)),
+    ], steps, cfg.stages)
 
-    ignore = lambda *_, **__: None
-
-    @functools.partial(
-        pl.run_scoped,
-        allocs=get_pipeline(ignore, ignore).get_allocations(
-            q_gmem, x_gmem, x_gmem, p_gmem, p_gmem),
-        collective_axes="wg")
+    @allocated(get_pipeline, (q_gmem, x_gmem, x_gmem, p_gmem, p_gmem))
     def _scope(allocs):
       wg = lax.axis_index("wg")
       wg_rows = pl.ds(wg * rows, rows)
@@ -295,6 +278,27 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
   return launch(kernel, (m, n), dtype, num_sms, out_smem=plgpu.SMEM(
       (2, slots, tokens, epi), dtype, transforms=_swizzled(dtype, epi)))(
           codes, x, params)
+
+
+def pipeline_maker(in_specs, steps: int, stages: int):
+  """`(body, compute_context) -> pipeline`: a warp-specialized TMA pipeline
+  of `steps` over `in_specs`, two compute warpgroups, `stages` in flight."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def make(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40, in_specs=in_specs,
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
+        compute_context=compute_context)
+  return make
+
+
+def allocated(get_pipeline, gmem_refs):
+  """Decorator: runs `fn(allocs)` with the pipeline's shared buffers
+  allocated once for all the persistent loop's tiles (by all warpgroups)."""
+  ignore = lambda *_, **__: None
+  allocs = get_pipeline(ignore, ignore).get_allocations(*gmem_refs)
+  return functools.partial(pl.run_scoped, allocs=allocs, collective_axes="wg")
 
 
 def launch(kernel, out_shape, dtype, num_sms: int, **scratch):

@@ -88,32 +88,16 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   dtype = dy.dtype
 
   def kernel(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem):
-    def get_pipeline(body, compute_context):
-      return plgpu.emit_pipeline_warp_specialized(
-          body,
-          grid=(steps,),
-          memory_registers=40,
-          in_specs=[
-              plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
-                              transforms=mg._swizzled(dtype, bn)),  # pylint: disable=protected-access
-              plgpu.BlockSpec((bn, cta_kb), lambda s: (s, 0),
-                              transforms=mg._swizzled(jnp.uint8, kb)),  # pylint: disable=protected-access
-              plgpu.BlockSpec((1, 2, bn), lambda s: (0, 0, s)),
-              plgpu.BlockSpec((1, 2, bn), lambda s: (0, 1, s)),
-          ],
-          wg_axis="wg",
-          num_compute_wgs=2,
-          max_concurrent_steps=cfg.stages,
-          compute_context=compute_context,
-      )
+    get_pipeline = mg.pipeline_maker([
+        plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
+                        transforms=mg._swizzled(dtype, bn)),  # pylint: disable=protected-access
+        plgpu.BlockSpec((bn, cta_kb), lambda s: (s, 0),
+                        transforms=mg._swizzled(jnp.uint8, kb)),  # pylint: disable=protected-access
+        plgpu.BlockSpec((1, 2, bn), lambda s: (0, 0, s)),
+        plgpu.BlockSpec((1, 2, bn), lambda s: (0, 1, s)),
+    ], steps, cfg.stages)
 
-    ignore = lambda *_, **__: None
-
-    @functools.partial(
-        pl.run_scoped,
-        allocs=get_pipeline(ignore, ignore).get_allocations(
-            dy_gmem, q_gmem, p_gmem, p_gmem),
-        collective_axes="wg")
+    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem, p_gmem))
     def _scope(allocs):
       wg = lax.axis_index("wg")
 
