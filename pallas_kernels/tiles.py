@@ -81,7 +81,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 import numpy as np
 
-from pallas_kernels import tuning as tuning_lib
 from qft_jax._src import qarray as qa
 
 
