@@ -18,23 +18,26 @@ takes `block_kb` bytes of `2 * rows` weight rows and two x tiles (columns
     acc += ((q & 0x0F) - z_lo) s_lo @ x_lo^T
          + (((q ^ 0x80) & 0xF0) - 16 (z_hi - 8)) (s_hi / 16) @ x_hi^T
 
-with the codes read as int8 (a bitcast in registers; Mosaic GPU converts signed bytes to bf16 with
-a byte permute; 8-bit registers take masks but no shifts, so the high
-nibble stays in place, 16x its value, its top bit flipped so the signed
-byte reads `16 (h - 8)`). Each bracket is exact in bf16 (integers below
-256 in multiples of 16), so every weight is rounded once, as in the XLA
-path. `block_kb` divides the group size and K/2 is a multiple of it, so each
-plane of a step lies in one group: the step's group parameters are one
-vector per plane, broadcast along the row (`group_params` prepares them as
-`(G, 4, N)`: s, z, s / 16, 16 (z - 8)).
+with the codes read as int8 (a bitcast in registers; Mosaic GPU converts
+signed bytes to bf16 with a byte permute; 8-bit registers take masks but
+no shifts, so the high nibble stays in place, 16x its value, its top bit
+flipped so the signed byte reads `16 (h - 8)`). Each bracket is exact in
+bf16 (integers below 256 in multiples of 16), so every weight is rounded
+once, as in the XLA path. `block_kb` divides the group size and K/2 is a
+multiple of it, so each plane of a step lies in one group: the step's group
+parameters are one vector per plane, broadcast along the row
+(`group_params` prepares them as `(G, 4, N)`: s, z, s / 16, 16 (z - 8)).
 
-`qmatmul.fwd` takes this kernel for 4-bit uniform weights at training
-shapes on Hopper (`can_use`; `fwd` on a QArray); everywhere else the Triton
-kernels run. The epilogue stores each warpgroup's `(rows, tokens)` accumulator into a
+The epilogue stores each warpgroup's `(rows, tokens)` accumulator into a
 transposed shared-memory view and TMA copies `y`'s `(tokens, rows)` tiles
-out, so no transpose runs outside the kernel.
-Hopper only (wgmma, TMA); there is no interpreter for its register-operand
-wgmma, so CPU tests lower it for CUDA and compare `reference`.
+out, so no transpose runs outside the kernel. `qmatmul.fwd` takes this
+kernel for 4-bit uniform weights at training shapes on Hopper (`can_use`;
+`fwd` on a QArray); everywhere else the Triton kernels run.
+
+Hopper only (wgmma, TMA), jax >= 0.11 (`MIN_JAX`). There is no interpreter
+for a register-operand wgmma, so the CPU tests check `dequantize_tile` (the
+function the kernel body calls) bit for bit against `qa.dequantize` and
+lower the kernel for CUDA; the GPU tests compare it with `reference`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BITS = 4
 MIN_M = 1024  # measured at M = 4096 (experiments/bench_mgpu_train.py)
@@ -163,21 +167,18 @@ def _transposed(ref):
   `plgpu.transpose_ref`)."""
   if hasattr(ref, "transpose"):
     return ref.transpose((1, 0))
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   return plgpu.transpose_ref(ref, (1, 0))
 
 
-def _load(ref, layout):
+def load_whole(ref, layout):
   """`plgpu.load` of the whole ref (jax 0.10 takes an index argument)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   idx = inspect.signature(plgpu.load).parameters["idx"]
   if idx.default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout)
   return plgpu.load(ref, layout=layout)
 
 
-def _swizzled(dtype, minor: int):
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+def swizzled(dtype, minor: int):
   bits = jnp.dtype(dtype).itemsize * 8
   swizzle = plgpu.find_swizzle(minor * bits)
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)),
@@ -189,7 +190,6 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
               num_sms: int = 132) -> jax.Array:
   """`y (M, N)` from x `(M, K)` bf16, the planar codes `(N, K/2)` uint8
   and `group_params` `(G, 4, N)`."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, k = x.shape
   n = codes.shape[0]
   if codes.shape != (n, k // 2) or codes.dtype != jnp.uint8:
@@ -212,11 +212,11 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
   def kernel(q_gmem, x_gmem, p_gmem, out_gmem, out_smem):
     get_pipeline = pipeline_maker([
         plgpu.BlockSpec((cta_rows, kb), lambda s: (0, s),
-                        transforms=_swizzled(jnp.uint8, kb)),
+                        transforms=swizzled(jnp.uint8, kb)),
         plgpu.BlockSpec((tokens, kb), lambda s: (0, s),
-                        transforms=_swizzled(dtype, kb)),
+                        transforms=swizzled(dtype, kb)),
         plgpu.BlockSpec((tokens, kb), lambda s: (0, steps + s),
-                        transforms=_swizzled(dtype, kb)),
+                        transforms=swizzled(dtype, kb)),
         plgpu.BlockSpec((1, 2, cta_rows),
                         lambda s: (s // steps_per_group, 0, 0)),
         plgpu.BlockSpec((1, 2, cta_rows),
@@ -257,10 +257,10 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
         def body(_, q_smem, xlo_smem, xhi_smem, plo_smem, phi_smem,
                  acc_ref):
           row_vec = plgpu.Layout.WGMMA.reduce(1)
-          s_lo = _load(plo_smem.at[0, 0, wg_rows], row_vec)
-          z_lo = _load(plo_smem.at[0, 1, wg_rows], row_vec)
-          s_hi = _load(phi_smem.at[0, 0, wg_rows], row_vec)
-          z_hi = _load(phi_smem.at[0, 1, wg_rows], row_vec)
+          s_lo = load_whole(plo_smem.at[0, 0, wg_rows], row_vec)
+          z_lo = load_whole(plo_smem.at[0, 1, wg_rows], row_vec)
+          s_hi = load_whole(phi_smem.at[0, 0, wg_rows], row_vec)
+          z_hi = load_whole(phi_smem.at[0, 1, wg_rows], row_vec)
           w_lo, w_hi = dequantize_tile(q_smem[wg_rows], (s_lo, z_lo),
                                        (s_hi, z_hi), dtype)
           plgpu.wgmma(acc_ref, w_lo, _transposed(xlo_smem))
@@ -276,14 +276,13 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   return launch(kernel, (m, n), dtype, num_sms, out_smem=plgpu.SMEM(
-      (2, slots, tokens, epi), dtype, transforms=_swizzled(dtype, epi)))(
+      (2, slots, tokens, epi), dtype, transforms=swizzled(dtype, epi)))(
           codes, x, params)
 
 
 def pipeline_maker(in_specs, steps: int, stages: int):
   """`(body, compute_context) -> pipeline`: a warp-specialized TMA pipeline
   of `steps` over `in_specs`, two compute warpgroups, `stages` in flight."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
   def make(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -305,7 +304,6 @@ def launch(kernel, out_shape, dtype, num_sms: int, **scratch):
   """`kernel` as a persistent warp-specialized Mosaic GPU kernel: one CTA
   per SM (grid axis "sm"), two compute warpgroups and a memory warpgroup
   (axis "wg"), Warpgroup lowering semantics."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(out_shape, dtype),

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import qmatmul_mgpu as mg
 
@@ -69,7 +70,6 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
              num_sms: int = 132) -> jax.Array:
   """`dx (M, K)` from dy `(M, N)` bf16, planar codes `(N, K/2)` uint8 and
   `qmatmul_mgpu.group_params` `(G, 4, N)`."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, n = dy.shape
   half = codes.shape[1]
   k = 2 * half
@@ -90,9 +90,9 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   def kernel(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem):
     get_pipeline = mg.pipeline_maker([
         plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
-                        transforms=mg._swizzled(dtype, bn)),  # pylint: disable=protected-access
+                        transforms=mg.swizzled(dtype, bn)),
         plgpu.BlockSpec((bn, cta_kb), lambda s: (s, 0),
-                        transforms=mg._swizzled(jnp.uint8, kb)),  # pylint: disable=protected-access
+                        transforms=mg.swizzled(jnp.uint8, kb)),
         plgpu.BlockSpec((1, 2, bn), lambda s: (0, 0, s)),
         plgpu.BlockSpec((1, 2, bn), lambda s: (0, 1, s)),
     ], steps, cfg.stages)
@@ -128,10 +128,10 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
 
         def body(_, dy_smem, q_smem, plo_smem, phi_smem, acc_ref):
           row_vec = plgpu.Layout.WGMMA.reduce(1)
-          lo = (mg._load(plo_smem.at[0, 0], row_vec),  # pylint: disable=protected-access
-                mg._load(plo_smem.at[0, 1], row_vec))  # pylint: disable=protected-access
-          hi = (mg._load(phi_smem.at[0, 0], row_vec),  # pylint: disable=protected-access
-                mg._load(phi_smem.at[0, 1], row_vec))  # pylint: disable=protected-access
+          lo = (mg.load_whole(plo_smem.at[0, 0], row_vec),
+                mg.load_whole(plo_smem.at[0, 1], row_vec))
+          hi = (mg.load_whole(phi_smem.at[0, 0], row_vec),
+                mg.load_whole(phi_smem.at[0, 1], row_vec))
           w_lo, w_hi = mg.dequantize_tile(
               q_smem[:, pl.ds(wg * kb, kb)], lo, hi, dtype)
           w_smem[wg, :, :kb] = w_lo
@@ -152,9 +152,9 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   return mg.launch(
       kernel, (m, k), dtype, num_sms,
       w_smem=plgpu.SMEM((2, bn, 2 * kb), dtype,
-                        transforms=mg._swizzled(dtype, 2 * kb)),  # pylint: disable=protected-access
+                        transforms=mg.swizzled(dtype, 2 * kb)),
       out_smem=plgpu.SMEM((2, tokens, kb), dtype,
-                          transforms=mg._swizzled(dtype, kb)))(  # pylint: disable=protected-access
+                          transforms=mg.swizzled(dtype, kb)))(
                               dy, codes, params)
 
 

@@ -123,6 +123,11 @@ def test_lowers_for_cuda():
       jax.ShapeDtypeStruct((n, k // g), jnp.uint8),
   ).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_dx_lowers_for_cuda():
+  """The input-gradient kernel also lowers with jax 0.10 (CI's)."""
+  m, n, k, g = 1024, 512, 1024, 128
   dx = jax.jit(functools.partial(mdx.fused_dx, group_size=g))
   text = dx.trace(
       jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
