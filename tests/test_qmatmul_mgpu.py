@@ -195,3 +195,19 @@ def test_benchmark_configs_fit_its_shapes():
       mg.check_shapes(bench.M, n, k, bench.GROUP, cfg)
     for cfg in bench.DX_CONFIGS:
       mdx.check_shapes(bench.M, n, k, bench.GROUP, cfg)
+
+
+def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):
+  """With the gate passing (patched: CI has no Hopper), qdot's default
+  forward at training sizes takes the Mosaic kernel, but not under a
+  multi-device mesh (XLA would replicate the custom call's operands), and
+  never for the input gradient."""
+  from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
+  w = _weight(9, 256, 1024)
+  x = jnp.ones((1024, 1024), jnp.bfloat16)
+  monkeypatch.setattr(kq, "can_use_mosaic", lambda *_: (True, "ok"))
+  assert qm._use_pallas(x, w, None)  # pylint: disable=protected-access
+  assert not qm._use_pallas(x[:, :256], w, None, gate="can_use_dx")  # pylint: disable=protected-access
+  assert not qm._use_pallas(x, w, "xla")  # pylint: disable=protected-access
+  monkeypatch.setattr(sharding, "compute_mesh_size", lambda: 2)
+  assert not qm._use_pallas(x, w, None)  # pylint: disable=protected-access

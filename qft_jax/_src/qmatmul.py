@@ -82,7 +82,10 @@ def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
       raise
     return False
   if implementation is None and x2d.shape[0] > AUTO_PALLAS_MAX_M:
-    return gate == "can_use" and kernels.can_use_mosaic(x2d, w)[0]
+    # Under a device mesh XLA would replicate a custom call's operands
+    # (activations included); the XLA path shards.
+    return (gate == "can_use" and sharding.compute_mesh_size() == 1
+            and kernels.can_use_mosaic(x2d, w)[0])
   if implementation is None and gate == "can_use_dx" and w.bits == 3:
     return False
   ok, reason = getattr(kernels, gate)(

@@ -433,6 +433,12 @@ def compute_mesh(mesh: jax.sharding.Mesh):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def compute_mesh_size() -> int:
+  """Devices of the mesh the computation is traced under (1 outside one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh is None or mesh.empty else math.prod(mesh.shape.values())
+
+
 def gather_for_compute(tree: Any) -> Any:
   """FSDP's all-gather of a weight for its use, in the stored dtype.
 
