@@ -157,9 +157,27 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
        f"rows={cfg.rows} must be a multiple of 64 and of epi_rows="
        f"{cfg.epi_rows}"),
   )
+  raise_first_broken(rules)
+
+
+def raise_first_broken(rules) -> None:
+  """Raises ValueError with the message of the first `(ok, message)` rule
+  that does not hold."""
   for ok, message in rules:
     if not ok:
       raise ValueError(message)
+
+
+def check_operands(codes: jax.Array, params: jax.Array, n: int, k: int,
+                   group_size: int) -> None:
+  """Raises ValueError unless codes are uint8 `(N, K/2)` and params
+  `(G, 4, N)`, G = K / group_size."""
+  if codes.shape != (n, k // 2) or codes.dtype != jnp.uint8:
+    raise ValueError(f"codes must be uint8 ({n}, {k // 2}), got "
+                     f"{codes.dtype} {codes.shape}")
+  if params.shape != (k // group_size, 4, n):
+    raise ValueError(f"params must be {(k // group_size, 4, n)}, got "
+                     f"{params.shape}")
 
 
 def _transposed(ref):
@@ -192,12 +210,7 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
   and `group_params` `(G, 4, N)`."""
   m, k = x.shape
   n = codes.shape[0]
-  if codes.shape != (n, k // 2) or codes.dtype != jnp.uint8:
-    raise ValueError(f"codes must be uint8 ({n}, {k // 2}) for x {x.shape}, "
-                     f"got {codes.dtype} {codes.shape}")
-  if params.shape != (k // group_size, 4, n):
-    raise ValueError(f"params must be {(k // group_size, 4, n)}, got "
-                     f"{params.shape}")
+  check_operands(codes, params, n, k, group_size)
   check_shapes(m, n, k, group_size, cfg)
   rows, tokens, kb = cfg.rows, cfg.tokens, cfg.block_kb
   cta_rows = 2 * rows

@@ -60,9 +60,7 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
       (half % group_size == 0,
        f"K/2={half} must be a multiple of the group size {group_size}"),
   )
-  for ok, message in rules:
-    if not ok:
-      raise ValueError(message)
+  mg.raise_first_broken(rules)
 
 
 def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
@@ -73,12 +71,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   m, n = dy.shape
   half = codes.shape[1]
   k = 2 * half
-  if codes.shape[0] != n or codes.dtype != jnp.uint8:
-    raise ValueError(f"codes must be uint8 ({n}, K/2), got {codes.dtype} "
-                     f"{codes.shape}")
-  if params.shape != (k // group_size, 4, n):
-    raise ValueError(f"params must be {(k // group_size, 4, n)}, got "
-                     f"{params.shape}")
+  mg.check_operands(codes, params, n, k, group_size)
   check_shapes(m, n, k, group_size, cfg)
   tokens, kb, bn = cfg.tokens, cfg.block_kb, cfg.block_n
   cta_kb = 2 * kb

@@ -211,3 +211,17 @@ def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):
   assert not qm._use_pallas(x, w, "xla")  # pylint: disable=protected-access
   monkeypatch.setattr(sharding, "compute_mesh_size", lambda: 2)
   assert not qm._use_pallas(x, w, None)  # pylint: disable=protected-access
+
+
+def test_bad_operands_are_named():
+  """Wrong code dtype or group-parameter shape fails before any lowering."""
+  n, k, g = 256, 1024, 128
+  x = jnp.ones((1024, k), jnp.bfloat16)
+  codes = jnp.zeros((n, k // 2), jnp.uint8)
+  params = jnp.zeros((k // g, 4, n), jnp.bfloat16)
+  with pytest.raises(ValueError, match="codes must be uint8"):
+    mg.fused_fwd(x, codes.astype(jnp.int8), params, group_size=g)
+  with pytest.raises(ValueError, match="params must be"):
+    mg.fused_fwd(x, codes, params[:, :2], group_size=g)
+  with pytest.raises(ValueError, match="params must be"):
+    mdx.fused_dx(x[:, :n], codes, params[1:], group_size=g)
