@@ -1,14 +1,15 @@
-r"""Times the Mosaic GPU 4-bit forward (pallas_kernels/qmatmul_mgpu.py) at
-training shapes against XLA's bf16 matmul and the Triton kernel.
+r"""Times the Mosaic GPU 4-bit kernels (pallas_kernels/qmatmul_mgpu.py,
+forward; qmatmul_mgpu_dx.py, input gradient) at training shapes against
+XLA's bf16 matmul.
 
-  COMMIT=<hash> python3 experiments/bench_mgpu_train.py --out $OUT   # H100
+  COMMIT=<hash> python3 experiments/bench_mgpu_train.py --op both --out $OUT
   python3 experiments/bench_mgpu_train.py --lower_only   # CPU: lowering
 
-For M = 4096 and (N, K) in issue 5's three shapes: XLA bf16 `x @ W^T`, the
-Triton fused kernel (`pallas_kernels.qmatmul.fwd`, the table's config), and
-each `CONFIGS` entry of the Mosaic kernel, twice: the whole call
-(`qmatmul_fwd`, group parameters prepared by XLA) and the kernel alone
-(`fused_fwd`). CUPTI kernel time per call, median of 7,
+For M = 4096 and (N, K) in issue 5's three shapes: XLA bf16 `x @ W^T`
+(`dy @ W` for dx), with `--triton` the Triton fused kernel (the table's
+config), and each `CONFIGS` (`DX_CONFIGS`) entry of the Mosaic kernel,
+twice: the whole call (group parameters prepared by XLA) and the kernel
+alone. CUPTI kernel time per call, median of 7,
 over rotated weight copies; relative error against the float32 reference
 on fresh random data. Writes $OUT/mgpu_train_<gpu>_<date>.json.
 """
@@ -45,12 +46,12 @@ GROUP = 128
 # shape (kernel-only 192.4 / 528.8 / 496.9 us against XLA bf16 184.1 /
 # 544.6 / 482.6); the whole call then still bitcast the codes to int8 in
 # XLA (a copy of the weight), now done in registers.
+# Session 11: the group parameters as (G, 2, N) (one XLA transpose; the
+# high plane's derived in registers) and the tiles' pipelines chained.
 CONFIGS = (
-    mg.MgpuConfig(rows=64, tokens=256, stages=2),
-    mg.MgpuConfig(rows=64, tokens=256, stages=2, grid_tile_width=8),
-    mg.MgpuConfig(rows=64, tokens=256, stages=2, grid_tile_width=16),
-    mg.MgpuConfig(rows=64, tokens=256, block_kb=32, stages=4),
+    mg.MgpuConfig(),
     mg.MgpuConfig(grid_tile_width=8),
+    mg.MgpuConfig(block_kb=32, stages=4),
 )
 # dx run 1 (mgpu_train_dx_h100_2026-11-28.json): 128-token tiles 298.5 /
 # 742.0 / 866.5 us with block_n 64 (282.1 / 739.2 / 908.1 with 128, two
@@ -58,11 +59,13 @@ CONFIGS = (
 # 405.3 / 1087.6 / 1299.8; 64-token tiles about 2x slower. 256-token tiles
 # over 32 byte columns (half the dequantization per MMA) do not lower as
 # written: the epilogue's 32-column slices of the accumulator cut its
-# 64-column tiles.
+# 64-column tiles. Session 11: two warpgroups share each dequantized tile
+# (one plane each), 2 x 128 tokens per CTA, pipelines chained.
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(block_n=128, stages=2),
+    mdx.DxConfig(stages=2),
     mdx.DxConfig(tokens=64),
+    mdx.DxConfig(grid_tile_width=8),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 
@@ -78,7 +81,7 @@ def lower_all() -> None:
     f = jax.jit(functools.partial(mdx.fused_dx, group_size=GROUP, cfg=cfg))
     f.trace(jax.ShapeDtypeStruct((M, n), jnp.bfloat16),
             jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-            jax.ShapeDtypeStruct((k // GROUP, 4, n), jnp.bfloat16)
+            jax.ShapeDtypeStruct((k // GROUP, 2, n), jnp.bfloat16)
             ).lower(lowering_platforms=("cuda",))
     print("lowered", cfg, flush=True)
   x = jax.ShapeDtypeStruct((M, k), jnp.bfloat16)
@@ -91,9 +94,9 @@ def lower_all() -> None:
     print("lowered", cfg, flush=True)
 
 
-def run_dx(timed, rows, shape, xs, ws, n, k, flops):
-  """dx rows: XLA bf16 `dy @ W`, the Triton table, each DX_CONFIGS entry
-  (group parameters prepared by XLA, counted)."""
+def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
+  """dx rows: XLA bf16 `dy @ W`, the Triton table (`with_triton`), each
+  DX_CONFIGS entry, whole call and kernel alone."""
   from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
   num_sms = jax.devices()[0].core_count
   dys = [x[:, :n] if n <= k else jnp.tile(x, (1, -(-n // k)))[:, :n]
@@ -103,8 +106,9 @@ def run_dx(timed, rows, shape, xs, ws, n, k, flops):
                [(dy, jax.random.normal(jax.random.PRNGKey(i), (n, k),
                                        jnp.bfloat16) * 0.02)
                 for i, dy in enumerate(dys)], **shape)
-  timed("triton_table", lambda dy, w: kq.dx(dy, w), list(zip(dys, ws)),
-        **shape)
+  if with_triton:
+    timed("triton_table", lambda dy, w: kq.dx(dy, w), list(zip(dys, ws)),
+          **shape)
   from experiments import bench_kernels as bk  # pylint: disable=g-import-not-at-top
   fresh = bk._random_weight(jax.random.PRNGKey(int(time.time())), n, k, 4)  # pylint: disable=protected-access
   dy0 = jax.random.normal(jax.random.PRNGKey(int(time.time())), (M, n),
@@ -115,10 +119,14 @@ def run_dx(timed, rows, shape, xs, ws, n, k, flops):
     call = lambda dy, w, cfg=cfg: mdx.fused_dx(
         dy, w.qvalue, mg.group_params(w.scale, w.zero_point),
         group_size=GROUP, cfg=cfg, num_sms=num_sms)
-    row = timed("mgpu_dx", call, list(zip(dys, ws)),
-                **dict(shape, config=dataclasses.asdict(cfg)))
+    extra = dict(shape, config=dataclasses.asdict(cfg))
+    row = timed("mgpu_dx", call, list(zip(dys, ws)), **extra)
     if "us" not in row:
       continue
+    timed("mgpu_dx_kernel_only", functools.partial(
+        mdx.fused_dx, group_size=GROUP, cfg=cfg, num_sms=num_sms),
+          [(dy, w.qvalue, mg.group_params(w.scale, w.zero_point))
+           for dy, w in zip(dys, ws)], **extra)
     got = jax.jit(call)(dy0, fresh).astype(jnp.float32)
     err = jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)
     row["rel_err"] = float(jnp.where(jnp.isfinite(err), err, jnp.inf))
@@ -131,7 +139,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   ap.add_argument("--lower_only", action="store_true")
-  ap.add_argument("--op", choices=("fwd", "dx"), default="fwd")
+  ap.add_argument("--op", choices=("fwd", "dx", "both"), default="fwd")
+  ap.add_argument("--triton", action="store_true",
+                  help="also time the Triton kernel (the table's config)")
   args = ap.parse_args()
   if args.lower_only:
     lower_all()
@@ -163,16 +173,19 @@ def main():
     xs = [jax.random.normal(kk, (M, k), jnp.bfloat16)
           for kk in jax.random.split(jax.random.PRNGKey(7), r)]
     flops = 2 * M * n * k
+    if args.op in ("dx", "both"):
+      run_dx(timed, dict(shape, op="dx"), xs, ws, n, k, flops, args.triton)
     if args.op == "dx":
-      run_dx(timed, rows, shape, xs, ws, n, k, flops)
       continue
+    shape = dict(shape, op="fwd")
     bf16 = timed("xla_bf16", lambda x, w: jnp.dot(
         x, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
                  [(x, (jax.random.normal(jax.random.PRNGKey(i), (n, k),
                                          jnp.bfloat16) * 0.02))
                   for i, x in enumerate(xs[:4])], **shape)
-    timed("triton_table", lambda x, w: kq.fwd(x, w), list(zip(xs, ws)),
-          **shape)
+    if args.triton:
+      timed("triton_table", lambda x, w: kq.fwd(x, w), list(zip(xs, ws)),
+            **shape)
     fresh = bk._random_weight(jax.random.PRNGKey(int(time.time())), n, k, 4)  # pylint: disable=protected-access
     x0 = jax.random.normal(jax.random.PRNGKey(int(time.time()) + 1), (M, k),
                            jnp.bfloat16)

@@ -16,7 +16,7 @@ takes `block_kb` bytes of `2 * rows` weight rows and two x tiles (columns
 `j..j+block_kb` and `K/2 + j..`), and per warpgroup issues
 
     acc += ((q & 0x0F) - z_lo) s_lo @ x_lo^T
-         + (((q ^ 0x80) & 0xF0) - 16 (z_hi - 8)) (s_hi / 16) @ x_hi^T
+         + (((q ^ 0x80) & 0xF0) - (16 z_hi - 128)) (s_hi / 16) @ x_hi^T
 
 with the codes read as int8 (a bitcast in registers; Mosaic GPU converts
 signed bytes to bf16 with a byte permute; 8-bit registers take masks but
@@ -25,8 +25,13 @@ flipped so the signed byte reads `16 (h - 8)`). Each bracket is exact in
 bf16 (integers below 256 in multiples of 16), so every weight is rounded
 once, as in the XLA path. `block_kb` divides the group size and K/2 is a
 multiple of it, so each plane of a step lies in one group: the step's group
-parameters are one vector per plane, broadcast along the row
-(`group_params` prepares them as `(G, 4, N)`: s, z, s / 16, 16 (z - 8)).
+parameters are one `(s, z)` pair of vectors per plane, broadcast along
+the row (`group_params` lays them out as `(G, 2, N)` with one transpose;
+the high plane's `s / 16` and `16 z - 128` are made in registers).
+
+Each CTA runs one pipeline per output tile; the tiles' pipelines are
+chained (`tile_state`), so the memory warpgroup loads the next tile's
+first steps while the compute warpgroups run the epilogue.
 
 The epilogue stores each warpgroup's `(rows, tokens)` accumulator into a
 transposed shared-memory view and TMA copies `y`'s `(tokens, rows)` tiles
@@ -35,7 +40,7 @@ kernel for 4-bit uniform weights at training shapes on Hopper (`can_use`;
 `fwd` on a QArray); everywhere else the Triton kernels run.
 
 Hopper only (wgmma, TMA), jax >= 0.11 (`MIN_JAX`). There is no interpreter
-for a register-operand wgmma, so the CPU tests check `dequantize_tile` (the
+for a register-operand wgmma, so the CPU tests check `dequantize_plane` (the
 function the kernel body calls) bit for bit against `qa.dequantize` and
 lower the kernel for CUDA; the GPU tests compare it with `reference`.
 """
@@ -90,33 +95,43 @@ class MgpuConfig:
 
 def group_params(scale: jax.Array, zero_point: jax.Array | None,
                  dtype=jnp.bfloat16) -> jax.Array:
-  """`(N, G)` scales and zero points -> `(G, 4, N)`: s, z, s / 16, 16 (z - 8).
+  """`(N, G)` scales and zero points -> `(G, 2, N)`: s, z in `dtype`.
 
-  Symmetric codes (`zero_point` None) take the implicit zero point 8."""
-  s = scale.astype(jnp.float32).T
-  z = (jnp.full_like(s, 8.0) if zero_point is None
-       else zero_point.astype(jnp.float32).T)
-  return jnp.stack([s, z, s / 16, 16 * (z - 8)], axis=1).astype(dtype)
+  One 2-D transpose of the stacked `(2 N, G)` pair (XLA's tiled transpose
+  kernel). Symmetric codes (`zero_point` None) take the implicit zero
+  point 8."""
+  n, g = scale.shape
+  z = jnp.full((n, g), 8, dtype) if zero_point is None else zero_point
+  pair = jnp.stack([scale.astype(dtype), z.astype(dtype)])  # (2, N, G)
+  return pair.reshape(2 * n, g).T.reshape(g, 2, n)
 
 
-def dequantize_tile(q: jax.Array, lo_params, hi_params, dtype):
-  """One step's weights from its byte tile, as the kernel computes them.
+def dequantize_plane(q: jax.Array, plane: int, s: jax.Array, z: jax.Array,
+                     dtype) -> jax.Array:
+  """One plane's weights from a byte tile, as the kernels compute them.
 
   Args:
     q: uint8 `(R, C)` planar bytes (low nibble: plane 0, high: plane 1).
-    lo_params, hi_params: `(s, z)` row vectors `(R,)` in `dtype`, the
-      plane's rows of `group_params` (s, z and s / 16, 16 (z - 8)).
+    plane: 0 or 1 (static).
+    s, z: the plane's group scale and zero point, row vectors `(R,)` in
+      `dtype` (its rows of `group_params`).
     dtype: the activations' dtype.
 
   Returns:
-    `(R, C)` weights of each plane, `(q - z) s` rounded once to `dtype`.
+    `(R, C)` weights `(q - z) s`, each rounded once to `dtype`. Plane 0
+    reads `q & 0x0F`; plane 1 reads its nibble in place with the top bit
+    flipped, `(q ^ 0x80) & 0xF0` as int8 = `16 (h - 8)` (8-bit registers
+    take masks but no shifts), so its parameters become `s / 16` and
+    `16 z - 128`, both exact in `dtype`, as is each bracket below.
   """
   q = lax.bitcast_convert_type(q, jnp.int8)
-  lo = (q & jnp.int8(0x0F)).astype(dtype)
-  hi = ((q ^ jnp.int8(-128)) & jnp.int8(-16)).astype(dtype)
+  if plane == 0:
+    codes = q & jnp.int8(0x0F)
+  else:
+    codes = (q ^ jnp.int8(-128)) & jnp.int8(-16)
+    s, z = s * (1 / 16), z * 16 - 128
   full = lambda v: lax.broadcast_in_dim(v, q.shape, (0,))
-  (s_lo, z_lo), (s_hi, z_hi) = lo_params, hi_params
-  return (lo - full(z_lo)) * full(s_lo), (hi - full(z_hi)) * full(s_hi)
+  return (codes.astype(dtype) - full(z)) * full(s)
 
 
 def dequantized(qvalue: jax.Array, scale: jax.Array,
@@ -171,12 +186,12 @@ def raise_first_broken(rules) -> None:
 def check_operands(codes: jax.Array, params: jax.Array, n: int, k: int,
                    group_size: int) -> None:
   """Raises ValueError unless codes are uint8 `(N, K/2)` and params
-  `(G, 4, N)`, G = K / group_size."""
+  `(G, 2, N)`, G = K / group_size."""
   if codes.shape != (n, k // 2) or codes.dtype != jnp.uint8:
     raise ValueError(f"codes must be uint8 ({n}, {k // 2}), got "
                      f"{codes.dtype} {codes.shape}")
-  if params.shape != (k // group_size, 4, n):
-    raise ValueError(f"params must be {(k // group_size, 4, n)}, got "
+  if params.shape != (k // group_size, 2, n):
+    raise ValueError(f"params must be {(k // group_size, 2, n)}, got "
                      f"{params.shape}")
 
 
@@ -207,7 +222,7 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
               group_size: int, cfg: MgpuConfig = MgpuConfig(),
               num_sms: int = 132) -> jax.Array:
   """`y (M, N)` from x `(M, K)` bf16, the planar codes `(N, K/2)` uint8
-  and `group_params` `(G, 4, N)`."""
+  and `group_params` `(G, 2, N)`."""
   m, k = x.shape
   n = codes.shape[0]
   check_operands(codes, params, n, k, group_size)
@@ -233,7 +248,7 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
         plgpu.BlockSpec((1, 2, cta_rows),
                         lambda s: (s // steps_per_group, 0, 0)),
         plgpu.BlockSpec((1, 2, cta_rows),
-                        lambda s: (half_groups + s // steps_per_group, 1, 0)),
+                        lambda s: (half_groups + s // steps_per_group, 0, 0)),
     ], steps, cfg.stages)
 
     @allocated(get_pipeline, (q_gmem, x_gmem, x_gmem, p_gmem, p_gmem))
@@ -269,19 +284,18 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
 
         def body(_, q_smem, xlo_smem, xhi_smem, plo_smem, phi_smem,
                  acc_ref):
-          row_vec = plgpu.Layout.WGMMA.reduce(1)
-          s_lo = load_whole(plo_smem.at[0, 0, wg_rows], row_vec)
-          z_lo = load_whole(plo_smem.at[0, 1, wg_rows], row_vec)
-          s_hi = load_whole(phi_smem.at[0, 0, wg_rows], row_vec)
-          z_hi = load_whole(phi_smem.at[0, 1, wg_rows], row_vec)
-          w_lo, w_hi = dequantize_tile(q_smem[wg_rows], (s_lo, z_lo),
-                                       (s_hi, z_hi), dtype)
+          q = q_smem[wg_rows]
+          w_lo = dequantize_plane(q, 0, *load_params(plo_smem, wg_rows),
+                                  dtype)
+          w_hi = dequantize_plane(q, 1, *load_params(phi_smem, wg_rows),
+                                  dtype)
           plgpu.wgmma(acc_ref, w_lo, _transposed(xlo_smem))
           plgpu.wgmma(acc_ref, w_hi, _transposed(xhi_smem))
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        get_pipeline(body, compute_context)(
+        get_pipeline(body, compute_context, tile_state(info, steps,
+                                                       cfg.stages))(
             q_gmem.at[cta_n, :], x_gmem.at[cta_m, :], x_gmem.at[cta_m, :],
             p_gmem.at[:, :, cta_n], p_gmem.at[:, :, cta_n],
             allocations=allocs)
@@ -294,15 +308,40 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
 
 
 def pipeline_maker(in_specs, steps: int, stages: int):
-  """`(body, compute_context) -> pipeline`: a warp-specialized TMA pipeline
-  of `steps` over `in_specs`, two compute warpgroups, `stages` in flight."""
+  """`(body, compute_context, state=None) -> pipeline`: a warp-specialized
+  TMA pipeline of `steps` over `in_specs`, two compute warpgroups, `stages`
+  in flight; `state` chains it to the previous tile's (`tile_state`)."""
 
-  def make(body, compute_context):
+  def make(body, compute_context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, in_specs=in_specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
-        compute_context=compute_context)
+        compute_context=compute_context, pipeline_state=state)
   return make
+
+
+def tile_state(info, steps: int, stages: int):
+  """The pipeline state of a persistent loop's tile (`plgpu.nd_loop` info):
+  START on a CTA's first tile, STOP on its last, STEADY between, so the
+  memory warpgroup runs on into the next tile's loads instead of draining
+  the pipeline. None (a pipeline per tile) unless `stages` divides `steps`,
+  as chaining needs. A CTA's only tile is START: its last arrivals are
+  left unawaited at the kernel's end, which is harmless."""
+  if steps % stages:
+    return None
+  chain = plgpu.PipelinePipeline
+  last = info.num_local_steps - 1
+  return jnp.where(info.local_index == 0, int(chain.START),
+                   jnp.where(info.local_index == last, int(chain.STOP),
+                             int(chain.STEADY)))
+
+
+def load_params(p_smem, rows=slice(None)):
+  """A plane's `(s, z)` row vectors, WGMMA row layout, from its `(1, 2, R)`
+  `group_params` block (`rows` of it)."""
+  row_vec = plgpu.Layout.WGMMA.reduce(1)
+  return (load_whole(p_smem.at[0, 0, rows], row_vec),
+          load_whole(p_smem.at[0, 1, rows], row_vec))
 
 
 def allocated(get_pipeline, gmem_refs):

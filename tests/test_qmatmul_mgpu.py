@@ -45,23 +45,22 @@ def test_reference_is_x_times_dequantized_weight(symmetric):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("block_kb", [32, 64])
 def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
-  """Every step's tile, dequantized as the kernel does it (int8 masks, the
-  flipped top bit, the (G, 4, N) group parameters), equals
+  """Every step's tile, dequantized as the kernels do it (int8 masks, the
+  flipped top bit, the (G, 2, N) group parameters), equals
   `qa.dequantize(w, bf16)` exactly: each weight is rounded once."""
   n, k, g = 64, 1024, 128
   w = _weight(2, n, k, g, symmetric)
   params = mg.group_params(w.scale, _zero(w))
+  assert params.shape == (k // g, 2, n)
   want = np.asarray(qa.dequantize(w, jnp.bfloat16).astype(jnp.float32))
   half = k // 2
   for j in range(0, half, block_kb):
-    lo_g, hi_g = j // g, (half + j) // g
-    w_lo, w_hi = mg.dequantize_tile(
-        w.qvalue[:, j:j + block_kb], (params[lo_g, 0], params[lo_g, 1]),
-        (params[hi_g, 2], params[hi_g, 3]), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(w_lo.astype(jnp.float32)),
-                                  want[:, j:j + block_kb])
-    np.testing.assert_array_equal(np.asarray(w_hi.astype(jnp.float32)),
-                                  want[:, half + j:half + j + block_kb])
+    q = w.qvalue[:, j:j + block_kb]
+    for plane, col in ((0, j), (1, half + j)):
+      s, z = params[col // g]
+      got = mg.dequantize_plane(q, plane, s, z, jnp.bfloat16)
+      np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                    want[:, col:col + block_kb])
 
 
 @pytest.mark.parametrize("shape, message", [
@@ -86,7 +85,7 @@ def test_dx_reference_is_dy_times_dequantized_weight():
 @pytest.mark.parametrize("shape, message", [
     ((4096, 4096 + 32, 4096, 128), "N=4128 must be a multiple of block_n"),
     ((4000, 4096, 4096, 128), "M=4000 must be a multiple"),
-    ((4096, 4096, 4096, 64), "group size 64 must be a multiple of 2"),
+    ((4096, 4096, 4096, 32), "group size 32 must be a multiple of block_kb"),
     ((4096, 4096, 4096 - 256, 256), "K/2=1920 must be a multiple"),
 ])
 def test_dx_check_shapes_names_the_broken_rule(shape, message):
@@ -132,7 +131,7 @@ def test_dx_lowers_for_cuda():
   text = dx.trace(
       jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
       jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-      jax.ShapeDtypeStruct((k // g, 4, n), jnp.bfloat16),
+      jax.ShapeDtypeStruct((k // g, 2, n), jnp.bfloat16),
   ).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -150,28 +149,33 @@ class TestMgpuGpu:
     if not cc.startswith("9."):
       pytest.skip(f"needs Hopper, got compute capability {cc}")
 
-  @pytest.mark.parametrize("n, k, symmetric", [(1024, 2048, False),
-                                               (512, 1024, True),
-                                               (768, 4352, False)])
-  def test_matches_reference(self, n, k, symmetric):
+  # (4096, 2048, 2048): more tiles than SMs, so the tiles' pipelines chain.
+  @pytest.mark.parametrize("m, n, k, symmetric", [(1024, 1024, 2048, False),
+                                                  (1024, 512, 1024, True),
+                                                  (1024, 768, 4352, False),
+                                                  (4096, 2048, 2048, False)])
+  def test_matches_reference(self, m, n, k, symmetric):
     w = _weight(n + k, n, k, symmetric=symmetric)
-    x = jax.random.normal(jax.random.PRNGKey(k), (1024, k), jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(k), (m, k), jnp.bfloat16)
     assert kq.can_use_mosaic(x, w)[0]
     got = jax.jit(kq.fwd)(x, w).astype(jnp.float32)
-    assert got.shape == (1024, n)
+    assert got.shape == (m, n)
     ref = mg.reference(x, w.qvalue, w.scale, _zero(w), 128)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
-  @pytest.mark.parametrize("n, k, symmetric", [(1024, 2048, False),
-                                               (512, 1024, True),
-                                               (768, 4352, False)])
-  def test_dx_matches_reference(self, n, k, symmetric):
+  # 3 stages do not divide the 32 steps: one pipeline per tile, unchained.
+  @pytest.mark.parametrize("m, n, k, symmetric, stages", [
+      (1024, 1024, 2048, False, 4), (1024, 512, 1024, True, 4),
+      (1024, 768, 4352, False, 4), (4096, 2048, 2048, False, 4),
+      (4096, 2048, 2048, True, 3)])
+  def test_dx_matches_reference(self, m, n, k, symmetric, stages):
     w = _weight(n + k + 1, n, k, symmetric=symmetric)
-    dy = jax.random.normal(jax.random.PRNGKey(n), (1024, n), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.PRNGKey(n), (m, n), jnp.bfloat16)
     assert kq.can_use_mosaic_dx(dy, w)[0]
-    got = jax.jit(kq.dx)(dy, w).astype(jnp.float32)
-    assert got.shape == (1024, k)
+    got = jax.jit(functools.partial(
+        mdx.dx, cfg=mdx.DxConfig(stages=stages)))(dy, w).astype(jnp.float32)
+    assert got.shape == (m, k)
     ref = mdx.reference(dy, w.qvalue, w.scale, _zero(w), 128)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
@@ -218,10 +222,10 @@ def test_bad_operands_are_named():
   n, k, g = 256, 1024, 128
   x = jnp.ones((1024, k), jnp.bfloat16)
   codes = jnp.zeros((n, k // 2), jnp.uint8)
-  params = jnp.zeros((k // g, 4, n), jnp.bfloat16)
+  params = jnp.zeros((k // g, 2, n), jnp.bfloat16)
   with pytest.raises(ValueError, match="codes must be uint8"):
     mg.fused_fwd(x, codes.astype(jnp.int8), params, group_size=g)
   with pytest.raises(ValueError, match="params must be"):
-    mg.fused_fwd(x, codes, params[:, :2], group_size=g)
+    mg.fused_fwd(x, codes, params[:, :1], group_size=g)
   with pytest.raises(ValueError, match="params must be"):
     mdx.fused_dx(x[:, :n], codes, params[1:], group_size=g)
