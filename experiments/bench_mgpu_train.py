@@ -63,7 +63,7 @@ CONFIGS = (
 # (one plane each), 2 x 128 tokens per CTA, pipelines chained.
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(stages=4, w_buffers=2),
+    mdx.DxConfig(block_n=128, stages=2),
     mdx.DxConfig(grid_tile_width=8),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
