@@ -59,12 +59,18 @@ CONFIGS = (
 # 405.3 / 1087.6 / 1299.8; 64-token tiles about 2x slower. 256-token tiles
 # over 32 byte columns (half the dequantization per MMA) do not lower as
 # written: the epilogue's 32-column slices of the accumulator cut its
-# 64-column tiles. Session 11: two warpgroups share each dequantized tile
-# (one plane each), 2 x 128 tokens per CTA, pipelines chained.
+# 64-column tiles. Session 11 (H100, XLA bf16 181.6 / 478.2 / 549.7 us):
+# two warpgroups sharing each dequantized tile (one plane each, 2 x 128
+# tokens per CTA) in lockstep behind a per-step barrier were slower,
+# 307.3 / 812.5 / 851.6 (mgpu_train_dx_h100_2026-11-28_s11a.log); the same
+# dequantizing one step ahead of the MMAs, 249.9 / 642.8 / 679.6 with two
+# buffers and 4 stages, 255.0 / 662.7 / 706.6 with three and 3
+# (mgpu_train_dx_h100_2026-11-28_s11.json); dx^T = deq(W)^T dy^T with the
+# weight read transposed as the register operand (the forward's design),
+# 286.8 / 752.6 / 747.0 (..._s11_transposed.json, commit 58ce326).
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(block_n=128, stages=2),
-    mdx.DxConfig(grid_tile_width=8),
+    mdx.DxConfig(stages=3, w_buffers=3),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 

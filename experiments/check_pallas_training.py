@@ -1,11 +1,13 @@
-r"""QLoRA 4-bit training through the Pallas kernels against the XLA path.
+r"""4-bit LoRA training through the Pallas kernels against the XLA path.
 
   python experiments/check_pallas_training.py --out=$OUT             # GPU
   python experiments/check_pallas_training.py --tiny --out=/tmp/chk  # CPU
 
 Builds one model of the LLaMA-7B shape (random weights; `--layers` decoder
 layers; NF4 group-64 base with double-quantized scales and LoRA r16 on all
-seven projections, as bench_models.py's "qlora" row) and trains its LoRA
+seven projections, as bench_models.py's "qlora" row; `--quant=int4`: a
+uniform 4-bit group-64 base instead, which on Hopper runs the Mosaic GPU
+kernels) and trains its LoRA
 factors four times on the same batches of
 TinyShakespeare bytes (token id = byte): with every quantized matmul,
 forward and input gradient, through XLA's dequantize-then-matmul
@@ -61,6 +63,10 @@ _TOL = flags.DEFINE_float(
     "the larger of this and twice the noise run's).")
 _GRAD_TOL = flags.DEFINE_float(
     "grad_tol", 1e-2, "Largest relative error of the first gradient.")
+_QUANT = flags.DEFINE_enum(
+    "quant", "nf4", sorted(pallas_vs_xla.QUANTS),
+    "The frozen base: QLoRA's NF4 (the Triton kernels) or uniform int4 "
+    "(on Hopper with jax >= 0.11, the Mosaic GPU kernels at these shapes).")
 _TINY = flags.DEFINE_bool(
     "tiny", False, "Tiny shapes and the Pallas interpreter (CPU check).")
 
@@ -78,11 +84,12 @@ def main(argv):
   record = pallas_vs_xla.run(_TINY.value, _STEPS.value, _LAYERS.value,
                              _BATCH.value, _SEQ.value, _LR.value, _TOL.value,
                              _TEXT.value, _GRAD_TOL.value,
-                             on_run=save_partial)
+                             on_run=save_partial, quant=_QUANT.value)
   partial.unlink(missing_ok=True)
   gpu = record["gpu"].split()[1].lower() if " " in record["gpu"] else (
       record["gpu"].lower())
-  path = out / f"pallas_training_{gpu}_{record['date']}.json"
+  suffix = "" if _QUANT.value == "nf4" else f"_{_QUANT.value}"
+  path = out / f"pallas_training{suffix}_{gpu}_{record['date']}.json"
   path.write_text(json.dumps(record, indent=1) + "\n")
   print(json.dumps({k: record[k] for k in (
       "max_rel_diff", "noise_max_rel_diff", "bound", "grad_rel_err",

@@ -1,4 +1,5 @@
-"""QLoRA training through the Pallas kernels against the XLA path (logic).
+"""4-bit LoRA training through the Pallas kernels against the XLA path
+(logic).
 
 The launcher is experiments/check_pallas_training.py (its docstring says
 what is compared and how); this module is flag-free so tests import it.
@@ -77,9 +78,20 @@ def global_rel_err(got, want) -> float:
   return math.sqrt(sq(diff) / max(sq(want), 1e-30))
 
 
+# quant -> (bench_models' param builder, the method's config): QLoRA's NF4
+# g64 base with double-quantized scales, or a uniform 4-bit g64 base
+# (ModuLoRA's; the Mosaic GPU kernels' format on Hopper).
+QUANTS = {
+    "nf4": ("qlora", methods.MethodConfig(name="qlora", bits=4,
+                                          group_size=64)),
+    "int4": ("modulora", methods.MethodConfig(name="modulora", bits=4,
+                                              group_size=64)),
+}
+
+
 def train_curve(config, implementation: str, batches, lr: float,
-                loss_chunk: int, perturb: bool = False):
-  """One run from bench_train's "qlora" params.
+                loss_chunk: int, perturb: bool = False, quant: str = "nf4"):
+  """One run from bench_models' params for `quant` (a QUANTS key).
 
   Returns the per-step losses, step times and the first batch's gradient of
   the trainable view (float32) at the starting point. `perturb` starts from
@@ -88,11 +100,11 @@ def train_curve(config, implementation: str, batches, lr: float,
   """
   config = dataclasses.replace(config, matmul_implementation=implementation,
                                lora_alpha=32.0)
+  builder, method_cfg = QUANTS[quant]
   opts = dict(bench_models.ROWS["qlora"][4])
-  params = bench_models.build_params(config, "qlora", opts,
+  params = bench_models.build_params(config, builder, opts,
                                      jax.random.PRNGKey(0))
-  method = methods.make_method(
-      methods.MethodConfig(name="qlora", bits=4, group_size=64), params)
+  method = methods.make_method(method_cfg, params)
   trainable, rebuild = method.view(params)
   if perturb:
     params = rebuild(one_ulp_perturbation(trainable, jax.random.PRNGKey(1),
@@ -118,6 +130,26 @@ def train_curve(config, implementation: str, batches, lr: float,
     losses.append(float(metrics["loss"]))
     times.append(time.time() - t)
   return losses, times, grads
+
+
+def kernel_routes(config, tokens: int, quant: str) -> dict:
+  """`"NxK": {"fwd": reason, "dx": reason}` for the seven projections:
+  whether `qmatmul.fwd` / `dx` take the Mosaic GPU kernels at `tokens`
+  rows ("ok") or, if not, why (then the Triton kernels run)."""
+  from pallas_kernels import qmatmul as kernels  # pylint: disable=g-import-not-at-top
+  from qft_jax._src import memory  # pylint: disable=g-import-not-at-top
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  qcfg = (qa.QuantConfig(bits=4, group_size=64, codebook="nf4")
+          if quant == "nf4" else qa.QuantConfig(bits=4, group_size=64,
+                                                scale_dtype=jnp.bfloat16))
+  routes = {}
+  for n, k in sorted(set(memory.linear_shapes(config))):
+    w = qa.random_qarray(jax.random.PRNGKey(0), (n, k), qcfg, config.dtype)
+    x = jnp.zeros((tokens, k), config.dtype)
+    dy = jnp.zeros((tokens, n), config.dtype)
+    routes[f"{n}x{k}"] = {"fwd": kernels.can_use_mosaic(x, w)[1],
+                          "dx": kernels.can_use_mosaic_dx(dy, w)[1]}
+  return routes
 
 
 def compare(xla: list[float], other: list[float]) -> dict:
@@ -156,7 +188,8 @@ def verdict(pallas: dict, noise: dict, grad_rel_err: float, tol: float,
 
 def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
         lr: float, tol: float, text: str, grad_tol: float = 1e-2,
-        on_run: Callable[[dict], None] | None = None) -> dict:
+        on_run: Callable[[dict], None] | None = None,
+        quant: str = "nf4") -> dict:
   """The four runs and their comparison, as the launcher's JSON record.
 
   `on_run`, if given, receives the loss curves finished so far after each
@@ -170,8 +203,11 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
   is the kernels' rounding, not chance. The verdict uses the first three.
 
   `tiny`: bench_models' tiny shape in bf16, batch 2 x 32 tokens (overriding
-  `batch` and `seq_len`), the kernels in the Pallas interpreter.
+  `batch` and `seq_len`), the kernels in the Pallas interpreter. `quant`:
+  the frozen base's format (QUANTS).
   """
+  if quant not in QUANTS:
+    raise ValueError(f"quant {quant!r} is not one of {sorted(QUANTS)}")
   config = bench_models.model_config("7b", tiny)
   if tiny:  # bf16 like the GPU run: the kernels take bf16/f16 activations
     batch, seq_len = 2, 32
@@ -187,7 +223,7 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
                               (pallas + "_noise", pallas, True)):
     t0 = time.time()
     curves[name], times[name], grads[name] = train_curve(
-        config, impl, batches, lr, chunk, perturb=perturb)
+        config, impl, batches, lr, chunk, perturb=perturb, quant=quant)
     print(f"{name}: {steps} steps in {time.time() - t0:.1f} s (with "
           f"compilation), loss {curves[name][0]:.4f} -> "
           f"{curves[name][-1]:.4f}", flush=True)
@@ -199,7 +235,10 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
   grad_rel_err = global_rel_err(grads[pallas], grads["xla"])
   step_s = {k: statistics.median(v[1:] or v) for k, v in times.items()}
   return {
-      "what": "QLoRA NF4 g64 r16 training, XLA vs Pallas matmuls",
+      "what": (f"LoRA r16 over a 4-bit g64 base ({quant}) training, XLA vs "
+               "Pallas matmuls"),
+      "quant": quant,
+      "mosaic_routes": kernel_routes(config, batch * seq_len, quant),
       "model": ("tiny" if tiny else "llama-7b shape") + f", {layers} layers",
       "batch": batch, "seq_len": seq_len, "steps": steps,
       "learning_rate": lr, "tol": tol, "grad_tol": grad_tol,

@@ -106,56 +106,32 @@ def group_params(scale: jax.Array, zero_point: jax.Array | None,
   return pair.reshape(2 * n, g).T.reshape(g, 2, n)
 
 
-def plane_codes(q: jax.Array, plane) -> jax.Array:
-  """int8 codes of one plane of planar bytes, as the kernels read them.
-
-  Plane 0 reads `q & 0x0F`; plane 1 reads its nibble in place with the top
-  bit flipped, `(q ^ 0x80) & 0xF0` as int8 = `16 (h - 8)` (8-bit registers
-  take masks but no shifts). `plane` is 0, 1 or a traced int scalar (a
-  warpgroup index)."""
-  q = lax.bitcast_convert_type(q, jnp.int8)
-  if isinstance(plane, int):
-    return (q & jnp.int8(0x0F) if plane == 0
-            else (q ^ jnp.int8(-128)) & jnp.int8(-16))
-  h = jnp.asarray(plane).astype(jnp.int8)
-  return (q ^ (h * jnp.int8(-128))) & (jnp.int8(15) - h * jnp.int8(31))
-
-
-def plane_params(s: jax.Array, z: jax.Array, plane):
-  """`(s, z)` of a group -> the parameters of `plane_codes(q, plane)`:
-  unchanged for plane 0, `(s / 16, 16 z - 128)` for plane 1 (exact)."""
-  if isinstance(plane, int):
-    return (s, z) if plane == 0 else (s * (1 / 16), z * 16 - 128)
-  h = jnp.asarray(plane).astype(s.dtype)
-  return s * (1 - h * (15 / 16)), z * (1 + 15 * h) - 128 * h
-
-
-def dequantize_plane(q: jax.Array, plane, s: jax.Array, z: jax.Array,
-                     dtype, axis: int = 0, layout=None) -> jax.Array:
+def dequantize_plane(q: jax.Array, plane: int, s: jax.Array, z: jax.Array,
+                     dtype) -> jax.Array:
   """One plane's weights from a byte tile, as the kernels compute them.
 
   Args:
     q: uint8 `(R, C)` planar bytes (low nibble: plane 0, high: plane 1).
-    plane: 0, 1 or a traced int scalar.
-    s, z: the plane's group scales and zero points in `dtype` (rows of
-      `group_params`), a vector along `axis` of the tile: `(R,)` for
-      axis 0, `(C,)` for axis 1.
+    plane: 0 or 1 (static).
+    s, z: the plane's group scale and zero point, row vectors `(R,)` in
+      `dtype` (its rows of `group_params`).
     dtype: the activations' dtype.
-    axis: the tile axis the parameters vary along.
-    layout: in a kernel, the register layout the converted codes are cast
-      to before the parameters apply (None: the inferred one).
 
   Returns:
-    `(R, C)` weights `(q - z) s`, each rounded once to `dtype`: the
-    bracket (integers in multiples of 1 or 16, below 256) and the scale
-    `s` or `s / 16` are exact in `dtype`.
+    `(R, C)` weights `(q - z) s`, each rounded once to `dtype`. Plane 0
+    reads `q & 0x0F`; plane 1 reads its nibble in place with the top bit
+    flipped, `(q ^ 0x80) & 0xF0` as int8 = `16 (h - 8)` (8-bit registers
+    take masks but no shifts), so its parameters become `s / 16` and
+    `16 z - 128`, both exact in `dtype`, as is each bracket below.
   """
-  codes = plane_codes(q, plane).astype(dtype)
-  if layout is not None:
-    codes = plgpu.layout_cast(codes, layout)
-  s, z = plane_params(s, z, plane)
-  full = lambda v: lax.broadcast_in_dim(v, codes.shape, (axis,))
-  return (codes - full(z)) * full(s)
+  q = lax.bitcast_convert_type(q, jnp.int8)
+  if plane == 0:
+    codes = q & jnp.int8(0x0F)
+  else:
+    codes = (q ^ jnp.int8(-128)) & jnp.int8(-16)
+    s, z = s * (1 / 16), z * 16 - 128
+  full = lambda v: lax.broadcast_in_dim(v, q.shape, (0,))
+  return (codes.astype(dtype) - full(z)) * full(s)
 
 
 def dequantized(qvalue: jax.Array, scale: jax.Array,
@@ -360,13 +336,12 @@ def tile_state(info, steps: int, stages: int):
                              int(chain.STEADY)))
 
 
-def load_params(p_smem, rows=slice(None), axis: int = 0):
-  """A plane's `(s, z)` vectors from its `(1, 2, R)` `group_params` block
-  (`rows` of it), in the WGMMA layout's row (axis 0) or column (axis 1)
-  vector layout."""
-  vec = plgpu.Layout.WGMMA.reduce(1 - axis)
-  return (load_whole(p_smem.at[0, 0, rows], vec),
-          load_whole(p_smem.at[0, 1, rows], vec))
+def load_params(p_smem, rows=slice(None)):
+  """A plane's `(s, z)` row vectors, WGMMA row layout, from its `(1, 2, R)`
+  `group_params` block (`rows` of it)."""
+  row_vec = plgpu.Layout.WGMMA.reduce(1)
+  return (load_whole(p_smem.at[0, 0, rows], row_vec),
+          load_whole(p_smem.at[0, 1, rows], row_vec))
 
 
 def allocated(get_pipeline, gmem_refs):

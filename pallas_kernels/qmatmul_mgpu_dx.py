@@ -2,31 +2,37 @@ r"""Training-shape input gradient on Hopper through Mosaic GPU (4-bit).
 
     dx (M, K) = dy (M, N) @ deq(W) (N, K)
 
-computed transposed, `dx^T (K, M) = deq(W)^T (K, N) @ dy^T (N, M)`, so the
-dequantized weight is wgmma's register (A) operand, as in the forward
-(`qmatmul_mgpu`), and dy's TMA'd tile its shared-memory (B) operand read
-transposed. The weight tile arrives as TMA brought the codes, `(block_n,
-64)` bytes of W's rows; each warpgroup reads it through a transposed view
-in the WGMMA-transposed register layout (two bytes of one row per register
-pair, one 16-bit load), takes its plane (`qmatmul_mgpu.plane_codes`:
-warpgroup 0 the low nibbles, 1 the high ones, the same 64 output columns
-of each plane), converts to bf16 and casts to the WGMMA layout (a shuffle
-and a byte permute per register), then applies the group parameters,
-which here vary along the tile's columns (the contraction):
+The dequantized weight must be wgmma's shared-memory (B) operand here (its
+rows are the contraction), so the compute warpgroups dequantize each step's
+code tile in registers (`qmatmul_mgpu.dequantize_plane`, the forward's
+exact per-weight rounding) and store it as `[lo | hi]` `(block_n,
+2 * block_kb)` bf16 into a shared buffer that both read as B, each against
+its own `tokens` rows of dy's TMA'd tile as A. The warpgroups split that
+work by plane (warpgroup 0 the low nibbles, 1 the high ones), so each
+weight is dequantized once per `2 * tokens` rows of dy, and they run one
+step ahead of the MMAs: step s waits until tile s is whole (a barrier per
+buffer, one arrival per warpgroup), issues its wgmma on it, and
+dequantizes its half of tile s + 1 while that wgmma runs:
 
-    acc_p += ((q_p - z_p) s_p)^T @ dy^T        (p = this warpgroup's plane)
+    wait ready[s];  wgmma(acc, dy_s, w[s]);  w[s + 1] <- deq(q_{s+1});
+    arrive ready[s + 1];  wgmma_wait
 
-exactly as `qa.dequantize` rounds. Everything else is the forward's: a
-persistent grid, two compute warpgroups sharing dy's tile, a memory
-warpgroup running a `stages`-deep TMA pipeline over N in `block_n` rows,
-chained across a CTA's tiles (`qmatmul_mgpu.tile_state`), and an epilogue
-storing each `(64, tokens)` accumulator through a transposed shared view,
-so dx leaves the kernel in its `(M, K)` layout. A CTA's 64 byte columns
-lie in one group per plane (64 divides the group size), so each step needs
-one `(block_n,)` vector of s, z per plane.
+(tile 0 is made before step 0 from code rows each warpgroup loads itself). The
+buffers rotate over `w_buffers`: with three, a warpgroup arrives as soon as
+its half is stored, since the buffer it writes was last read two steps
+back, which the barrier it has passed already vouches for; with two, it
+arrives only after its wgmma is done, which also frees the other buffer.
+
+A CTA covers `2 * tokens` rows of dy and `block_kb` byte columns (its
+output columns are those of both planes, `block_kb` each); the pipeline
+walks the contraction N in `block_n` rows. A CTA's columns lie in one
+group (`block_kb` divides the group size), so each step needs one
+`(block_n,)` vector of s, z per plane.
 
 `qmatmul.dx` takes this kernel where `can_use` passes (as `qmatmul.fwd`
-takes `qmatmul_mgpu`'s).
+takes `qmatmul_mgpu`'s); qdot's default input gradient at training shapes
+stays XLA's dequantize-then-matmul unless this kernel is measured faster
+(`experiments/bench_mgpu_train.py --op dx`).
 """
 
 from __future__ import annotations
@@ -42,34 +48,43 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import qmatmul_mgpu as mg
 
-COLS = 64  # byte columns per CTA = output columns per warpgroup (wgmma M)
+EPI_TOKENS = 64  # dx rows per epilogue store (a smaller buffer: more stages)
 
 
 @dataclasses.dataclass(frozen=True)
 class DxConfig:
-  """tokens: dy rows per CTA (wgmma N, a multiple of 8, <= 256); block_n:
-  contraction rows per step; stages: steps in flight; grid_tile_width:
-  output tiles per stripe of the persistent walk."""
-  tokens: int = 256
+  """The defaults won experiments/bench_mgpu_train.py's session-11 runs at
+  all three training shapes (mgpu_train_dx_h100_2026-11-28_s11.json).
+
+  tokens: dy rows per compute warpgroup (wgmma M; a CTA covers two);
+  block_kb: byte columns per CTA (its output columns are 2 * block_kb,
+  wgmma N); block_n: contraction rows per step; stages: steps in flight;
+  w_buffers: dequantized tiles in shared memory (2 or 3)."""
+  tokens: int = 128
+  block_kb: int = 64
   block_n: int = 64
   stages: int = 4
   grid_tile_width: int = 4
+  w_buffers: int = 2
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
                  cfg: DxConfig) -> None:
   """Raises ValueError naming the first shape rule (M, N, K, g) broken."""
-  half = k // 2
+  half, kb = k // 2, cfg.block_kb
   rules = (
       (k % 2 == 0, f"K={k} must be even (two 4-bit planes)"),
-      (m % cfg.tokens == 0, f"M={m} must be a multiple of tokens="
-       f"{cfg.tokens}"),
+      (cfg.tokens % EPI_TOKENS == 0,
+       f"tokens={cfg.tokens} must be a multiple of {EPI_TOKENS}"),
+      (m % (2 * cfg.tokens) == 0,
+       f"M={m} must be a multiple of 2 * tokens = {2 * cfg.tokens}"),
       (n % cfg.block_n == 0, f"N={n} must be a multiple of block_n="
        f"{cfg.block_n}"),
-      (group_size % COLS == 0, f"group size {group_size} must be a multiple "
-       f"of {COLS}"),
+      (group_size % kb == 0, f"group size {group_size} must be a multiple "
+       f"of block_kb = {kb}"),
       (half % group_size == 0,
        f"K/2={half} must be a multiple of the group size {group_size}"),
+      (cfg.w_buffers in (2, 3), f"w_buffers={cfg.w_buffers} must be 2 or 3"),
   )
   mg.raise_first_broken(rules)
 
@@ -84,76 +99,125 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   k = 2 * half
   mg.check_operands(codes, params, n, k, group_size)
   check_shapes(m, n, k, group_size, cfg)
-  tokens, bn = cfg.tokens, cfg.block_n
+  tokens, kb, bn, nbuf = cfg.tokens, cfg.block_kb, cfg.block_n, cfg.w_buffers
+  cta_tokens = 2 * tokens
   steps = n // bn
-  m_iters, c_iters = m // tokens, half // COLS
+  m_iters, c_iters = m // cta_tokens, half // kb
   half_groups = half // group_size
   dtype = dy.dtype
-  param_spec = lambda: plgpu.BlockSpec((1, 2, bn), lambda s: (0, 0, s))
+  ahead = lambda s: (jnp.minimum(s + 1, steps - 1), 0)  # step s + 1's rows
+  code_spec = functools.partial(plgpu.BlockSpec, (bn, kb),
+                                transforms=mg.swizzled(jnp.uint8, kb))
+  param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn))
 
-  def kernel(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
+  def kernel(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem, ready,
+             q0_smem, p0_smem, loaded):
     get_pipeline = mg.pipeline_maker([
-        plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
+        plgpu.BlockSpec((cta_tokens, bn), lambda s: (0, s),
                         transforms=mg.swizzled(dtype, bn)),
-        plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
-                        transforms=mg.swizzled(jnp.uint8, COLS)),
-        param_spec(), param_spec(),
+        code_spec(ahead), param_spec(lambda s: (0, 0, ahead(s)[0])),
+        param_spec(lambda s: (0, 0, ahead(s)[0])),
     ], steps, cfg.stages)
+    gmem = (dy_gmem, q_gmem, p_gmem, p_gmem)
 
-    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem, p_gmem))
+    @mg.allocated(get_pipeline, gmem)
     def _scope(allocs):
       wg = lax.axis_index("wg")
+      wg_tokens = pl.ds(wg * tokens, tokens)
+
+      def store_half(q_smem, plane_params, buf):
+        """This warpgroup's plane of a code tile (`plane_params`: the two
+        planes' `(1, 2, block_n)` parameter blocks) into buffer `buf`, then
+        (with three buffers) its arrival."""
+        for plane, p_smem in enumerate(plane_params):
+          @pl.when(wg == plane)
+          def _store():
+            w = mg.dequantize_plane(q_smem[...], plane,
+                                    *mg.load_params(p_smem), dtype)
+            w_smem[buf, :, plane * kb:(plane + 1) * kb] = w
+        plgpu.commit_smem()
+        if nbuf >= 3:
+          plgpu.barrier_arrive(ready.at[buf])
 
       @plgpu.nd_loop((m_iters * c_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        c_idx, m_idx = plgpu.planar_snake(lin, (c_iters, m_iters), 1,
+        m_idx, c_idx = plgpu.planar_snake(lin, (m_iters, c_iters), 1,
                                           cfg.grid_tile_width)
-        cta_m = pl.ds(m_idx * tokens, tokens)
-        cols = pl.ds(c_idx * COLS, COLS)
-        g_lo = (c_idx * COLS) // group_size
+        cta_m = pl.ds(m_idx * cta_tokens, cta_tokens)
+        g_lo = (c_idx * kb) // group_size
+        first = info.local_index * steps  # this CTA's steps before the tile
+        buffer = lambda s: lax.rem(first + s, nbuf)
+
+        cols = pl.ds(c_idx * kb, kb)
+        lo, hi = pl.ds(g_lo, 1), pl.ds(half_groups + g_lo, 1)
 
         def compute_context(run_pipeline):
+          # Tile 0, before the pipeline: this warpgroup's plane of the
+          # first code rows, loaded by TMA here.
+          plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(0, bn), cols],
+                                  q0_smem.at[wg], loaded.at[wg])
+          plgpu.copy_gmem_to_smem(
+              p_gmem.at[pl.ds(g_lo + wg * half_groups, 1), :, pl.ds(0, bn)],
+              p0_smem.at[wg], loaded.at[wg])
+          plgpu.barrier_wait(loaded.at[wg])
+          store_half(q0_smem.at[wg], (p0_smem.at[wg],) * 2, buffer(0))
+          if nbuf < 3:
+            plgpu.barrier_arrive(ready.at[buffer(0)])
+
           @functools.partial(
-              pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
+              pl.run_scoped,
+              acc_ref=plgpu.ACC((tokens, 2 * kb), jnp.float32))
           def _acc(acc_ref):
             run_pipeline(acc_ref)
             acc = acc_ref[...].astype(dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            mg._transposed(out_smem.at[wg])[...] = acc  # pylint: disable=protected-access
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg],
-                out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
+            for plane in (0, 1):
+              for r in range(0, tokens, EPI_TOKENS):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out_smem[wg] = acc[r:r + EPI_TOKENS,
+                                   plane * kb:(plane + 1) * kb]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[wg],
+                    out_gmem.at[cta_m].at[wg_tokens].at[
+                        pl.ds(r, EPI_TOKENS),
+                        pl.ds(plane * half + c_idx * kb, kb)])
 
-        def body(_, dy_smem, q_smem, plo_smem, phi_smem, acc_ref):
-          q_t = mg.load_whole(mg._transposed(q_smem),  # pylint: disable=protected-access
-                              plgpu.Layout.WGMMA_TRANSPOSED)
-          (s_lo, z_lo), (s_hi, z_hi) = (mg.load_params(plo_smem, axis=1),
-                                        mg.load_params(phi_smem, axis=1))
-          hi = wg.astype(dtype)  # this warpgroup's plane's, exactly
-          s = s_lo * (1 - hi) + s_hi * hi
-          z = z_lo * (1 - hi) + z_hi * hi
-          w_t = mg.dequantize_plane(q_t, wg, s, z, dtype, axis=1,
-                                    layout=plgpu.Layout.WGMMA)
-          plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
+        def body(idx, dy_smem, q_next, plo_next, phi_next, acc_ref):
+          (s,) = idx
+          plgpu.barrier_wait(ready.at[buffer(s)])
+          plgpu.wgmma(acc_ref, dy_smem.at[wg_tokens], w_smem.at[buffer(s)])
+          last = s == steps - 1
+
+          @pl.when(jnp.logical_not(last))
+          def _next_tile():
+            store_half(q_next, (plo_next, phi_next), buffer(s + 1))
+
           plgpu.wgmma_wait(0)
+          if nbuf < 3:
+            @pl.when(jnp.logical_not(last))
+            def _arrive():
+              plgpu.barrier_arrive(ready.at[buffer(s + 1)])
           return acc_ref
 
-        get_pipeline(body, compute_context, mg.tile_state(info, steps,
-                                                          cfg.stages))(
-            dy_gmem.at[cta_m, :], q_gmem.at[:, cols],
-            p_gmem.at[pl.ds(g_lo, 1)],
-            p_gmem.at[pl.ds(half_groups + g_lo, 1)],
-            allocations=allocs)
+        get_pipeline(body, compute_context)(
+            dy_gmem.at[cta_m, :], q_gmem.at[:, cols], p_gmem.at[lo],
+            p_gmem.at[hi], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   return mg.launch(
       kernel, (m, k), dtype, num_sms,
-      out_smem=plgpu.SMEM((2, tokens, COLS), dtype,
-                          transforms=mg.swizzled(dtype, COLS)))(
-                              dy, codes, params)
+      w_smem=plgpu.SMEM((nbuf, bn, 2 * kb), dtype,
+                        transforms=mg.swizzled(dtype, 2 * kb)),
+      out_smem=plgpu.SMEM((2, EPI_TOKENS, kb), dtype,
+                          transforms=mg.swizzled(dtype, kb)),
+      ready=plgpu.Barrier(num_arrivals=2, num_barriers=nbuf),
+      q0_smem=plgpu.SMEM((2, bn, kb), jnp.uint8,
+                         transforms=mg.swizzled(jnp.uint8, kb)),
+      p0_smem=plgpu.SMEM((2, 1, 2, bn), dtype),
+      loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2))(
+          dy, codes, params)
 
 
 def can_use(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()
