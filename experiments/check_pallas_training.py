@@ -3,6 +3,12 @@ r"""4-bit LoRA training through the Pallas kernels against the XLA path.
   python experiments/check_pallas_training.py --out=$OUT             # GPU
   python experiments/check_pallas_training.py --tiny --out=/tmp/chk  # CPU
 
+Each finished run is saved to `--out`'s pallas_training_partial.json;
+`--resume` skips the runs it holds. At the 7B shape the four runs take
+about 850 s on an H100 (session 11, `--quant=int4`), more than one device
+call's 600 s: start it, then run it again with `--resume` (carrying that
+file back in `--out`).
+
 Builds one model of the LLaMA-7B shape (random weights; `--layers` decoder
 layers; NF4 group-64 base with double-quantized scales and LoRA r16 on all
 seven projections, as bench_models.py's "qlora" row; `--quant=int4`: a
@@ -67,6 +73,9 @@ _QUANT = flags.DEFINE_enum(
     "quant", "nf4", sorted(pallas_vs_xla.QUANTS),
     "The frozen base: QLoRA's NF4 (the Triton kernels) or uniform int4 "
     "(on Hopper with jax >= 0.11, the Mosaic GPU kernels at these shapes).")
+_RESUME = flags.DEFINE_bool(
+    "resume", False, "Skip the runs that --out's pallas_training_partial.json "
+    "(written after each run) holds, e.g. after a time limit cut the check.")
 _TINY = flags.DEFINE_bool(
     "tiny", False, "Tiny shapes and the Pallas interpreter (CPU check).")
 
@@ -78,13 +87,24 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   partial = out / "pallas_training_partial.json"
 
-  def save_partial(curves):  # kept if a time limit cuts the later runs
-    partial.write_text(json.dumps({"loss": curves}) + "\n")
+  def save_partial(finished):  # kept if a time limit cuts the later runs
+    tmp = partial.with_suffix(".tmp")
+    tmp.write_text(json.dumps(finished) + "\n")
+    tmp.replace(partial)  # never a half-written file
 
+  done = None
+  if _RESUME.value and partial.exists():
+    try:
+      done = json.loads(partial.read_text())
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f"{partial} is not valid JSON ({e}); remove it "
+                           "to start the check over") from e
+    print(f"resuming: {sorted(done.get('loss', {}))} finished", flush=True)
   record = pallas_vs_xla.run(_TINY.value, _STEPS.value, _LAYERS.value,
                              _BATCH.value, _SEQ.value, _LR.value, _TOL.value,
                              _TEXT.value, _GRAD_TOL.value,
-                             on_run=save_partial, quant=_QUANT.value)
+                             on_run=save_partial, quant=_QUANT.value,
+                             done=done)
   partial.unlink(missing_ok=True)
   gpu = record["gpu"].split()[1].lower() if " " in record["gpu"] else (
       record["gpu"].lower())

@@ -89,15 +89,10 @@ QUANTS = {
 }
 
 
-def train_curve(config, implementation: str, batches, lr: float,
-                loss_chunk: int, perturb: bool = False, quant: str = "nf4"):
-  """One run from bench_models' params for `quant` (a QUANTS key).
-
-  Returns the per-step losses, step times and the first batch's gradient of
-  the trainable view (float32) at the starting point. `perturb` starts from
-  `one_ulp_perturbation` of the trainable view (in the compute dtype)
-  instead.
-  """
+def _start(config, implementation: str, perturb: bool, quant: str):
+  """A run's starting point: bench_models' params for `quant` (a QUANTS
+  key), its method and trainable view; `perturb` starts from
+  `one_ulp_perturbation` of the trainable view (in the compute dtype)."""
   config = dataclasses.replace(config, matmul_implementation=implementation,
                                lora_alpha=32.0)
   builder, method_cfg = QUANTS[quant]
@@ -110,15 +105,40 @@ def train_curve(config, implementation: str, batches, lr: float,
     params = rebuild(one_ulp_perturbation(trainable, jax.random.PRNGKey(1),
                                             config.dtype))
     trainable, rebuild = method.view(params)
+  return config, params, method, trainable, rebuild
+
+
+def first_gradient(config, implementation: str, batches, loss_chunk: int,
+                   perturb: bool = False, quant: str = "nf4"):
+  """The first batch's gradient (float32) of a run's trainable view at its
+  starting point."""
+  config, _, _, trainable, rebuild = _start(config, implementation, perturb,
+                                            quant)
+  return _gradient(config, trainable, rebuild, batches[0], loss_chunk)
+
+
+def _gradient(config, trainable, rebuild, batch, loss_chunk: int):
   loss_fn = train.chunked_lm_loss(config, loss_chunk)
-  first = jax.tree.map(jnp.asarray, batches[0])
+  first = jax.tree.map(jnp.asarray, batch)
 
   def mean_loss(t):
     nll, n = loss_fn(rebuild(t), first.tokens, first.targets, first.loss_mask)
     return nll / n
 
-  grads = jax.tree.map(lambda g: g.astype(jnp.float32),
-                       jax.jit(jax.grad(mean_loss))(trainable))
+  return jax.tree.map(lambda g: g.astype(jnp.float32),
+                      jax.jit(jax.grad(mean_loss))(trainable))
+
+
+def train_curve(config, implementation: str, batches, lr: float,
+                loss_chunk: int, perturb: bool = False, quant: str = "nf4"):
+  """One run (`_start`'s starting point, AdamW on the trainable view).
+
+  Returns the per-step losses, step times and `first_gradient`.
+  """
+  config, params, method, trainable, rebuild = _start(
+      config, implementation, perturb, quant)
+  grads = _gradient(config, trainable, rebuild, batches[0], loss_chunk)
+  loss_fn = train.chunked_lm_loss(config, loss_chunk)
   tx = methods.make_optimizer("adamw", lr)
   step = train.make_train_step(None, method, tx, loss_fn=loss_fn)
   state = train.init_state(params, method, tx)
@@ -189,11 +209,15 @@ def verdict(pallas: dict, noise: dict, grad_rel_err: float, tol: float,
 def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
         lr: float, tol: float, text: str, grad_tol: float = 1e-2,
         on_run: Callable[[dict], None] | None = None,
-        quant: str = "nf4") -> dict:
+        quant: str = "nf4", done: dict | None = None) -> dict:
   """The four runs and their comparison, as the launcher's JSON record.
 
-  `on_run`, if given, receives the loss curves finished so far after each
-  run (`{name: losses}`), so a caller can save them before a time limit.
+  `on_run`, if given, receives after each run what is finished so far,
+  `{"setup": ..., "loss": {name: losses}, "step_s": {name: median step
+  seconds}}`, so a caller can save it before a time limit; passing it back
+  as `done` skips those runs (their first gradients, where the comparison
+  needs them, are recomputed: one compiled gradient each). A `done` from
+  another setup (shapes, steps, quant, ...) raises ValueError.
 
   Runs: "xla", the Pallas path, "xla_noise" (XLA from the one-ulp
   perturbed start, the noise floor) and the Pallas path from that start
@@ -217,23 +241,38 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
   batches = byte_batches(text, steps, batch, seq_len)
   chunk = seq_len if tiny else bench_models.LOSS_CHUNK
   pallas = "pallas_interpret" if tiny else "pallas"
-  curves, times, grads = {}, {}, {}
+  setup = dict(tiny=tiny, steps=steps, layers=layers, batch=batch,
+               seq_len=seq_len, lr=lr, text=text, quant=quant)
+  done = done or {"setup": setup, "loss": {}, "step_s": {}}
+  if done["setup"] != setup:
+    raise ValueError(f"the finished runs given were made with {done['setup']}"
+                     f", not this check's {setup}")
+  curves, step_s = dict(done["loss"]), dict(done["step_s"])
+  grads = {}
   for name, impl, perturb in (("xla", "xla", False), (pallas, pallas, False),
                               ("xla_noise", "xla", True),
                               (pallas + "_noise", pallas, True)):
+    if name in curves:
+      if name != pallas + "_noise":  # compared below
+        grads[name] = first_gradient(config, impl, batches, chunk,
+                                     perturb=perturb, quant=quant)
+      print(f"{name}: finished before, loss {curves[name][0]:.4f} -> "
+            f"{curves[name][-1]:.4f}", flush=True)
+      continue
     t0 = time.time()
-    curves[name], times[name], grads[name] = train_curve(
+    curves[name], times, grads[name] = train_curve(
         config, impl, batches, lr, chunk, perturb=perturb, quant=quant)
+    # The first step compiles; the median of the others is the step time.
+    step_s[name] = statistics.median(times[1:] or times)
     print(f"{name}: {steps} steps in {time.time() - t0:.1f} s (with "
           f"compilation), loss {curves[name][0]:.4f} -> "
           f"{curves[name][-1]:.4f}", flush=True)
     if on_run is not None:
-      on_run(dict(curves))
+      on_run({"setup": setup, "loss": dict(curves), "step_s": dict(step_s)})
   result = compare(curves["xla"], curves[pallas])
   noise = compare(curves["xla"], curves["xla_noise"])
   noise_pair = compare(curves["xla_noise"], curves[pallas + "_noise"])
   grad_rel_err = global_rel_err(grads[pallas], grads["xla"])
-  step_s = {k: statistics.median(v[1:] or v) for k, v in times.items()}
   return {
       "what": (f"LoRA r16 over a 4-bit g64 base ({quant}) training, XLA vs "
                "Pallas matmuls"),
@@ -247,7 +286,6 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
       "loss_xla_noise": curves["xla_noise"],
       "loss_pallas_noise": curves[pallas + "_noise"],
       "pallas_implementation": pallas,
-      # The first step compiles; the median of the others is the step time.
       "step_s_xla": step_s["xla"], "step_s_pallas": step_s[pallas],
       **result,
       "noise_rel_diff": noise["rel_diff"],

@@ -28,7 +28,7 @@ def test_qlora_training_through_the_interpreted_kernels(monkeypatch):
   finished = []
   rec = check.run(tiny=True, steps=4, layers=2, batch=2, seq_len=32,
                   lr=1e-3, tol=1e-2, text=text,
-                  on_run=lambda curves: finished.append(sorted(curves)))
+                  on_run=lambda done: finished.append(sorted(done["loss"])))
   assert finished == [["xla"], ["pallas_interpret", "xla"],
                       ["pallas_interpret", "xla", "xla_noise"],
                       ["pallas_interpret", "pallas_interpret_noise", "xla",
@@ -92,3 +92,36 @@ def test_one_ulp_perturbation_moves_every_float_by_one_ulp():
 def test_missing_text_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.txt"):
     check.byte_batches(str(tmp_path / "nope.txt"), 1, 2, 8)
+
+
+def test_resume_skips_the_finished_runs_and_refuses_another_setup(
+    monkeypatch):
+  """A check cut after two runs resumes from what `on_run` saved: the two
+  runs are not trained again (only their first gradients recomputed), and
+  the record equals a check's on those curves."""
+  text = str(shared_path("text", "tinyshakespeare_input.txt"))
+  args = dict(tiny=True, steps=2, layers=1, batch=2, seq_len=32, lr=1e-3,
+              tol=1e-2, text=text, quant="int4")
+  saved = []
+
+  def cut_after_two(done):
+    saved.append(done)
+    if len(done["loss"]) == 2:
+      raise TimeoutError("the call's time limit")
+
+  with pytest.raises(TimeoutError):
+    check.run(**args, on_run=cut_after_two)
+  done = saved[-1]
+  assert sorted(done["loss"]) == ["pallas_interpret", "xla"]
+  trained = []
+  real = check.train_curve
+  monkeypatch.setattr(check, "train_curve", lambda *a, **k: (
+      trained.append(a[1] + ("_noise" if k.get("perturb") else "")),
+      real(*a, **k))[1])
+  rec = check.run(**args, done=done)
+  assert trained == ["xla_noise", "pallas_interpret_noise"]
+  assert rec["loss_xla"] == done["loss"]["xla"]
+  assert rec["step_s_xla"] == done["step_s"]["xla"]
+  assert rec["quant"] == "int4" and 0 < rec["grad_rel_err"] < 1e-2
+  with pytest.raises(ValueError, match="made with"):
+    check.run(**dict(args, steps=3), done=done)
