@@ -3,7 +3,7 @@ forward, and qmatmul_mgpu_dx.py, input gradient).
 
 Mosaic GPU has no interpreter for a register-operand wgmma, so the CPU tests
 check the pieces: the reference against `qa.dequantize`, the kernel's own
-per-step dequantization (`dequantize_tile`, the function the kernel body
+per-step dequantization (`dequantize_plane`, the function the kernel body
 calls) bit for bit against `qa.dequantize`, the shape rules and the gate,
 and the lowering for CUDA (jax >= 0.11, see `MIN_JAX`). `TestMgpuGpu` runs
 the kernel against the float32 reference on a Hopper GPU.
