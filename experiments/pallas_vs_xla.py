@@ -214,9 +214,10 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
 
   `on_run`, if given, receives after each run what is finished so far,
   `{"setup": ..., "loss": {name: losses}, "step_s": {name: median step
-  seconds}}`, so a caller can save it before a time limit; passing it back
-  as `done` skips those runs (their first gradients, where the comparison
-  needs them, are recomputed: one compiled gradient each). A `done` from
+  seconds}, "grad_errs": the first-gradient comparisons made so far}`, so
+  a caller can save it before a time limit; passing it back as `done`
+  skips those runs (a finished run's first gradient is recomputed only
+  where a comparison still needs it: one compiled gradient). A `done` from
   another setup (shapes, steps, quant, ...) raises ValueError.
 
   Runs: "xla", the Pallas path, "xla_noise" (XLA from the one-ulp
@@ -248,31 +249,45 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
     raise ValueError(f"the finished runs given were made with {done['setup']}"
                      f", not this check's {setup}")
   curves, step_s = dict(done["loss"]), dict(done["step_s"])
+  # First-gradient comparisons: name -> (run, reference run).
+  pairs = {"grad_rel_err": (pallas, "xla"),
+           "grad_rel_err_noise": ("xla_noise", "xla")}
+  grad_errs = dict(done.get("grad_errs", {}))
   grads = {}
+
+  def compare_grads():
+    for key, (a, b) in pairs.items():
+      if key not in grad_errs and a in grads and b in grads:
+        grad_errs[key] = global_rel_err(grads[a], grads[b])
+
   for name, impl, perturb in (("xla", "xla", False), (pallas, pallas, False),
                               ("xla_noise", "xla", True),
                               (pallas + "_noise", pallas, True)):
     if name in curves:
-      if name != pallas + "_noise":  # compared below
+      if any(name in pair and key not in grad_errs
+             for key, pair in pairs.items()):
         grads[name] = first_gradient(config, impl, batches, chunk,
                                      perturb=perturb, quant=quant)
+        compare_grads()
       print(f"{name}: finished before, loss {curves[name][0]:.4f} -> "
             f"{curves[name][-1]:.4f}", flush=True)
       continue
     t0 = time.time()
     curves[name], times, grads[name] = train_curve(
         config, impl, batches, lr, chunk, perturb=perturb, quant=quant)
+    compare_grads()
     # The first step compiles; the median of the others is the step time.
     step_s[name] = statistics.median(times[1:] or times)
     print(f"{name}: {steps} steps in {time.time() - t0:.1f} s (with "
           f"compilation), loss {curves[name][0]:.4f} -> "
           f"{curves[name][-1]:.4f}", flush=True)
     if on_run is not None:
-      on_run({"setup": setup, "loss": dict(curves), "step_s": dict(step_s)})
+      on_run({"setup": setup, "loss": dict(curves), "step_s": dict(step_s),
+              "grad_errs": dict(grad_errs)})
   result = compare(curves["xla"], curves[pallas])
   noise = compare(curves["xla"], curves["xla_noise"])
   noise_pair = compare(curves["xla_noise"], curves[pallas + "_noise"])
-  grad_rel_err = global_rel_err(grads[pallas], grads["xla"])
+  grad_rel_err = grad_errs["grad_rel_err"]
   return {
       "what": (f"LoRA r16 over a 4-bit g64 base ({quant}) training, XLA vs "
                "Pallas matmuls"),
@@ -294,8 +309,7 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
       "noise_mean_signed_rel_diff": noise["mean_signed_rel_diff"],
       "noise_pair_max_rel_diff": noise_pair["max_rel_diff"],
       "noise_pair_mean_signed_rel_diff": noise_pair["mean_signed_rel_diff"],
-      "grad_rel_err": grad_rel_err,
-      "grad_rel_err_noise": global_rel_err(grads["xla_noise"], grads["xla"]),
+      **grad_errs,
       **verdict(result, noise, grad_rel_err, tol, grad_tol),
       "gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
       "commit": os.environ.get("COMMIT", "unknown"),
