@@ -71,6 +71,10 @@ CONFIGS = (
 DX_CONFIGS = (
     mdx.DxConfig(),
     mdx.DxConfig(stages=3, w_buffers=3),
+    # Queued (session 11, lowered, not yet timed): wgmma N = 256 over
+    # 64-token warpgroup tiles, the weight tile read by two m64 wgmmas per
+    # step instead of four, at twice the dequantization per MMA.
+    mdx.DxConfig(tokens=64, block_kb=128),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 

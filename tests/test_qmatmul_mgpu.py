@@ -164,16 +164,19 @@ class TestMgpuGpu:
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
-  # (4096, 2048, 2048): several tiles per CTA (the buffers rotate on).
-  @pytest.mark.parametrize("m, n, k, symmetric, w_buffers", [
-      (1024, 1024, 2048, False, 3), (1024, 512, 1024, True, 3),
-      (1024, 768, 4352, False, 3), (4096, 2048, 2048, False, 3),
-      (4096, 2048, 2048, True, 2)])
-  def test_dx_matches_reference(self, m, n, k, symmetric, w_buffers):
+  # (4096, 2048, 2048): several tiles per CTA (the buffers rotate on);
+  # three buffers (early arrival); wgmma N = 256 over 64-token tiles.
+  @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
+      (1024, 1024, 2048, False, mdx.DxConfig()),
+      (1024, 512, 1024, True, mdx.DxConfig()),
+      (1024, 768, 4352, False, mdx.DxConfig()),
+      (4096, 2048, 2048, False, mdx.DxConfig()),
+      (4096, 2048, 2048, True, mdx.DxConfig(stages=3, w_buffers=3)),
+      (4096, 2048, 2048, False, mdx.DxConfig(tokens=64, block_kb=128))])
+  def test_dx_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 1, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n), (m, n), jnp.bfloat16)
     assert kq.can_use_mosaic_dx(dy, w)[0]
-    cfg = mdx.DxConfig(stages=6 - w_buffers, w_buffers=w_buffers)  # fit
     got = jax.jit(functools.partial(mdx.dx, cfg=cfg))(dy, w).astype(
         jnp.float32)
     assert got.shape == (m, k)
