@@ -122,8 +122,7 @@ def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
   fresh = bk._random_weight(jax.random.PRNGKey(int(time.time())), n, k, 4)  # pylint: disable=protected-access
   dy0 = jax.random.normal(jax.random.PRNGKey(int(time.time())), (M, n),
                           jnp.bfloat16)
-  ref = mdx.reference(dy0, fresh.qvalue, fresh.scale, fresh.zero_point,
-                      GROUP)
+  ref = kq.reference_dx(dy0, fresh)
   for cfg in DX_CONFIGS:
     call = lambda dy, w, cfg=cfg: mdx.fused_dx(
         dy, w.qvalue, mg.group_params(w.scale, w.zero_point),
@@ -198,7 +197,7 @@ def main():
     fresh = bk._random_weight(jax.random.PRNGKey(int(time.time())), n, k, 4)  # pylint: disable=protected-access
     x0 = jax.random.normal(jax.random.PRNGKey(int(time.time()) + 1), (M, k),
                            jnp.bfloat16)
-    ref = mg.reference(x0, *_leaves(fresh), GROUP)
+    ref = kq.reference(x0, fresh)
     for cfg in CONFIGS:
       extra = dict(shape, config=dataclasses.asdict(cfg))
       call = functools.partial(mg.qmatmul_fwd, group_size=GROUP, cfg=cfg,

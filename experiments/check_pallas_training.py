@@ -100,6 +100,8 @@ def main(argv):
       raise app.UsageError(f"{partial} is not valid JSON ({e}); remove it "
                            "to start the check over") from e
     print(f"resuming: {sorted(done.get('loss', {}))} finished", flush=True)
+  elif _RESUME.value:
+    print(f"no {partial} to resume from: starting the check", flush=True)
   record = pallas_vs_xla.run(_TINY.value, _STEPS.value, _LAYERS.value,
                              _BATCH.value, _SEQ.value, _LR.value, _TOL.value,
                              _TEXT.value, _GRAD_TOL.value,

@@ -245,9 +245,10 @@ def run(tiny: bool, steps: int, layers: int, batch: int, seq_len: int,
   setup = dict(tiny=tiny, steps=steps, layers=layers, batch=batch,
                seq_len=seq_len, lr=lr, text=text, quant=quant)
   done = done or {"setup": setup, "loss": {}, "step_s": {}}
-  if done["setup"] != setup:
-    raise ValueError(f"the finished runs given were made with {done['setup']}"
-                     f", not this check's {setup}")
+  if done.get("setup") != setup or not {"loss", "step_s"} <= set(done):
+    raise ValueError(f"the finished runs given were made with "
+                     f"{done.get('setup')}, not this check's {setup} (or "
+                     "lack their losses and step times)")
   curves, step_s = dict(done["loss"]), dict(done["step_s"])
   # First-gradient comparisons: name -> (run, reference run).
   pairs = {"grad_rel_err": (pallas, "xla"),

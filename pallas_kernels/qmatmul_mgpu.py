@@ -42,7 +42,8 @@ kernel for 4-bit uniform weights at training shapes on Hopper (`can_use`;
 Hopper only (wgmma, TMA), jax >= 0.11 (`MIN_JAX`). There is no interpreter
 for a register-operand wgmma, so the CPU tests check `dequantize_plane` (the
 function the kernel body calls) bit for bit against `qa.dequantize` and
-lower the kernel for CUDA; the GPU tests compare it with `reference`.
+lower the kernel for CUDA; the GPU tests compare it with the float32
+`pallas_kernels.reference`.
 """
 
 from __future__ import annotations
@@ -132,24 +133,6 @@ def dequantize_plane(q: jax.Array, plane: int, s: jax.Array, z: jax.Array,
     s, z = s * (1 / 16), z * 16 - 128
   full = lambda v: lax.broadcast_in_dim(v, q.shape, (0,))
   return (codes.astype(dtype) - full(z)) * full(s)
-
-
-def dequantized(qvalue: jax.Array, scale: jax.Array,
-                zero_point: jax.Array | None, group_size: int) -> jax.Array:
-  """float32 `deq(W) (N, K)` from the planar codes `(N, K/2)` uint8."""
-  lo = (qvalue & 15).astype(jnp.float32)
-  hi = (qvalue >> 4).astype(jnp.float32)
-  q = jnp.concatenate([lo, hi], axis=1)  # (N, K)
-  z = 8.0 if zero_point is None else zero_point.astype(jnp.float32)
-  z = jnp.repeat(jnp.broadcast_to(z, scale.shape), group_size, axis=1)
-  return (q - z) * jnp.repeat(scale.astype(jnp.float32), group_size, axis=1)
-
-
-def reference(x: jax.Array, qvalue: jax.Array, scale: jax.Array,
-              zero_point: jax.Array | None, group_size: int) -> jax.Array:
-  """float32 `x @ deq(W)^T` from the planar codes `(N, K/2)` uint8."""
-  w = dequantized(qvalue, scale, zero_point, group_size)
-  return x.astype(jnp.float32) @ w.T
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,

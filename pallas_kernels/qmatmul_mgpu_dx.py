@@ -238,9 +238,3 @@ def dx(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()) -> jax.Array:
   return fused_dx(dy2d, w.qvalue, params,
                   group_size=qa.resolve_group_size(w.group_size, w.shape[1]),
                   cfg=cfg, num_sms=jax.devices()[0].core_count)
-
-
-def reference(dy, qvalue, scale, zero_point, group_size):
-  """float32 `dy @ deq(W)` from the planar codes `(N, K/2)` uint8."""
-  w = mg.dequantized(qvalue, scale, zero_point, group_size)
-  return dy.astype(jnp.float32) @ w

@@ -2,11 +2,11 @@
 forward, and qmatmul_mgpu_dx.py, input gradient).
 
 Mosaic GPU has no interpreter for a register-operand wgmma, so the CPU tests
-check the pieces: the reference against `qa.dequantize`, the kernel's own
-per-step dequantization (`dequantize_plane`, the function the kernel body
-calls) bit for bit against `qa.dequantize`, the shape rules and the gate,
-and the lowering for CUDA (jax >= 0.11, see `MIN_JAX`). `TestMgpuGpu` runs
-the kernel against the float32 reference on a Hopper GPU.
+check the pieces: the kernels' own per-step dequantization
+(`dequantize_plane`, the function the kernel bodies call) bit for bit
+against `qa.dequantize`, the shape rules and the gate, and the lowering for
+CUDA (jax >= 0.11, see `MIN_JAX`). `TestMgpuGpu` runs the kernels against
+the float32 `pallas_kernels.reference` on a Hopper GPU.
 """
 
 import functools
@@ -29,19 +29,6 @@ def _weight(key, n, k, group=128, symmetric=False):
   return qa.random_qarray(jax.random.PRNGKey(key), (n, k), cfg)
 
 
-def _zero(w):
-  return None if w.zero_point is None else w.zero_point
-
-
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_reference_is_x_times_dequantized_weight(symmetric):
-  w = _weight(0, 64, 512, symmetric=symmetric)
-  x = jax.random.normal(jax.random.PRNGKey(1), (8, 512), jnp.float32)
-  got = mg.reference(x, w.qvalue, w.scale, _zero(w), 128)
-  want = x @ qa.dequantize(w, jnp.float32).T
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("block_kb", [32, 64])
 def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
@@ -50,7 +37,7 @@ def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
   `qa.dequantize(w, bf16)` exactly: each weight is rounded once."""
   n, k, g = 64, 1024, 128
   w = _weight(2, n, k, g, symmetric)
-  params = mg.group_params(w.scale, _zero(w))
+  params = mg.group_params(w.scale, w.zero_point)
   assert params.shape == (k // g, 2, n)
   want = np.asarray(qa.dequantize(w, jnp.bfloat16).astype(jnp.float32))
   half = k // 2
@@ -72,14 +59,6 @@ def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
 def test_check_shapes_names_the_broken_rule(shape, message):
   with pytest.raises(ValueError, match=message):
     mg.check_shapes(*shape, mg.MgpuConfig())
-
-
-def test_dx_reference_is_dy_times_dequantized_weight():
-  w = _weight(7, 64, 512)
-  dy = jax.random.normal(jax.random.PRNGKey(8), (8, 64), jnp.float32)
-  got = mdx.reference(dy, w.qvalue, w.scale, w.zero_point, 128)
-  np.testing.assert_allclose(got, dy @ qa.dequantize(w, jnp.float32),
-                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape, message", [
@@ -160,7 +139,7 @@ class TestMgpuGpu:
     assert kq.can_use_mosaic(x, w)[0]
     got = jax.jit(kq.fwd)(x, w).astype(jnp.float32)
     assert got.shape == (m, n)
-    ref = mg.reference(x, w.qvalue, w.scale, _zero(w), 128)
+    ref = kq.reference(x, w)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
@@ -180,7 +159,7 @@ class TestMgpuGpu:
     got = jax.jit(functools.partial(mdx.dx, cfg=cfg))(dy, w).astype(
         jnp.float32)
     assert got.shape == (m, k)
-    ref = mdx.reference(dy, w.qvalue, w.scale, _zero(w), 128)
+    ref = kq.reference_dx(dy, w)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
