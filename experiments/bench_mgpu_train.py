@@ -68,13 +68,17 @@ CONFIGS = (
 # (mgpu_train_dx_h100_2026-11-28_s11.json); dx^T = deq(W)^T dy^T with the
 # weight read transposed as the register operand (the forward's design),
 # 286.8 / 752.6 / 747.0 (..._s11_transposed.json, commit 58ce326).
+# Session 12 queue: three buffers now keep each wgmma in flight into the
+# next step (the two-buffer default drains the tensor core at every step);
+# and wgmma N = 256 over 64-token warpgroup tiles (queued in session 11),
+# the weight tile read by two m64 wgmmas per step instead of four, at twice
+# the dequantization per MMA.
 DX_CONFIGS = (
     mdx.DxConfig(),
     mdx.DxConfig(stages=3, w_buffers=3),
-    # Queued (session 11, lowered, not yet timed): wgmma N = 256 over
-    # 64-token warpgroup tiles, the weight tile read by two m64 wgmmas per
-    # step instead of four, at twice the dequantization per MMA.
+    mdx.DxConfig(stages=4, w_buffers=3),
     mdx.DxConfig(tokens=64, block_kb=128),
+    mdx.DxConfig(tokens=64, block_kb=128, stages=3, w_buffers=3),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 

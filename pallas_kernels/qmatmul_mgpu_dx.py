@@ -17,11 +17,19 @@ dequantizes its half of tile s + 1 while that wgmma runs:
     wait ready[s];  wgmma(acc, dy_s, w[s]);  w[s + 1] <- deq(q_{s+1});
     arrive ready[s + 1];  wgmma_wait
 
-(tile 0 is made before step 0 from code rows each warpgroup loads itself). The
-buffers rotate over `w_buffers`: with three, a warpgroup arrives as soon as
-its half is stored, since the buffer it writes was last read two steps
-back, which the barrier it has passed already vouches for; with two, it
-arrives only after its wgmma is done, which also frees the other buffer.
+(tile 0 is made before step 0 from code rows each warpgroup loads itself).
+With two buffers (`w_buffers`) a warpgroup arrives only after its wgmma is
+done, which also frees the other buffer; so both warpgroups' wgmmas finish
+before either issues the next, and the tensor core drains at every step.
+With three, each wgmma stays in flight into the next step:
+
+    wait ready[s];  wgmma(acc, dy_s, w[s]);  wgmma_wait(1);
+    w[s + 1] <- deq(q_{s+1});  arrive ready[s + 1]
+
+`wgmma_wait(1)` retires this warpgroup's wgmma of step s - 1, and the other
+warpgroup arrived at `ready[s]` (awaited above) after retiring its own, so
+`w[s + 1] = w[s - 2]` has no reader left; the pipeline releases each
+input slot one step late (`delay_release=1`) for the same reason.
 
 A CTA covers `2 * tokens` rows of dy and `block_kb` byte columns (its
 output columns are those of both planes, `block_kb` each); the pipeline
@@ -59,7 +67,8 @@ class DxConfig:
   tokens: dy rows per compute warpgroup (wgmma M; a CTA covers two);
   block_kb: byte columns per CTA (its output columns are 2 * block_kb,
   wgmma N); block_n: contraction rows per step; stages: steps in flight;
-  w_buffers: dequantized tiles in shared memory (2 or 3)."""
+  w_buffers: dequantized tiles in shared memory: 2 (each step's wgmma
+    retired within the step) or 3 (kept in flight into the next step)."""
   tokens: int = 128
   block_kb: int = 64
   block_n: int = 64
@@ -100,6 +109,8 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   mg.check_operands(codes, params, n, k, group_size)
   check_shapes(m, n, k, group_size, cfg)
   tokens, kb, bn, nbuf = cfg.tokens, cfg.block_kb, cfg.block_n, cfg.w_buffers
+  in_flight = nbuf == 3  # each wgmma stays in flight into the next step
+  late = dict(delay_release=1) if in_flight else {}
   cta_tokens = 2 * tokens
   steps = n // bn
   m_iters, c_iters = m // cta_tokens, half // kb
@@ -107,14 +118,14 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   dtype = dy.dtype
   ahead = lambda s: (jnp.minimum(s + 1, steps - 1), 0)  # step s + 1's rows
   code_spec = functools.partial(plgpu.BlockSpec, (bn, kb),
-                                transforms=mg.swizzled(jnp.uint8, kb))
-  param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn))
+                                transforms=mg.swizzled(jnp.uint8, kb), **late)
+  param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn), **late)
 
   def kernel(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem, ready,
              q0_smem, p0_smem, loaded):
     get_pipeline = mg.pipeline_maker([
         plgpu.BlockSpec((cta_tokens, bn), lambda s: (0, s),
-                        transforms=mg.swizzled(dtype, bn)),
+                        transforms=mg.swizzled(dtype, bn), **late),
         code_spec(ahead), param_spec(lambda s: (0, 0, ahead(s)[0])),
         param_spec(lambda s: (0, 0, ahead(s)[0])),
     ], steps, cfg.stages)
@@ -127,8 +138,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
 
       def store_half(q_smem, plane_params, buf):
         """This warpgroup's plane of a code tile (`plane_params`: the two
-        planes' `(1, 2, block_n)` parameter blocks) into buffer `buf`, then
-        (with three buffers) its arrival."""
+        planes' `(1, 2, block_n)` parameter blocks) into buffer `buf`."""
         for plane, p_smem in enumerate(plane_params):
           @pl.when(wg == plane)
           def _store():
@@ -136,8 +146,6 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                                     *mg.load_params(p_smem), dtype)
             w_smem[buf, :, plane * kb:(plane + 1) * kb] = w
         plgpu.commit_smem()
-        if nbuf >= 3:
-          plgpu.barrier_arrive(ready.at[buf])
 
       @plgpu.nd_loop((m_iters * c_iters,), collective_axes="sm")
       def _tiles(info):
@@ -162,14 +170,14 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
               p0_smem.at[wg], loaded.at[wg])
           plgpu.barrier_wait(loaded.at[wg])
           store_half(q0_smem.at[wg], (p0_smem.at[wg],) * 2, buffer(0))
-          if nbuf < 3:
-            plgpu.barrier_arrive(ready.at[buffer(0)])
+          plgpu.barrier_arrive(ready.at[buffer(0)])
 
           @functools.partial(
               pl.run_scoped,
               acc_ref=plgpu.ACC((tokens, 2 * kb), jnp.float32))
           def _acc(acc_ref):
             run_pipeline(acc_ref)
+            plgpu.wgmma_wait(0)
             acc = acc_ref[...].astype(dtype)
             for plane in (0, 1):
               for r in range(0, tokens, EPI_TOKENS):
@@ -187,17 +195,20 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
           (s,) = idx
           plgpu.barrier_wait(ready.at[buffer(s)])
           plgpu.wgmma(acc_ref, dy_smem.at[wg_tokens], w_smem.at[buffer(s)])
-          last = s == steps - 1
+          if in_flight:
+            plgpu.wgmma_wait(1)  # this warpgroup's wgmma of step s - 1
+          not_last = s < steps - 1
 
-          @pl.when(jnp.logical_not(last))
+          @pl.when(not_last)
           def _next_tile():
             store_half(q_next, (plo_next, phi_next), buffer(s + 1))
 
-          plgpu.wgmma_wait(0)
-          if nbuf < 3:
-            @pl.when(jnp.logical_not(last))
-            def _arrive():
-              plgpu.barrier_arrive(ready.at[buffer(s + 1)])
+          if not in_flight:
+            plgpu.wgmma_wait(0)
+
+          @pl.when(not_last)
+          def _arrive():
+            plgpu.barrier_arrive(ready.at[buffer(s + 1)])
           return acc_ref
 
         get_pipeline(body, compute_context)(
