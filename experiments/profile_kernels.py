@@ -15,7 +15,9 @@ taken with `--import-source yes` added to the first command).
 
 The kernel runs with the tuning table's config for its shape (as the
 benchmark's, with bf16 activations) unless
-`--config` gives TuningConfig fields as JSON, e.g. '{"block_m": 1,
+`--config` gives TuningConfig fields as JSON (or `auto`: qmatmul's own
+choice, the Mosaic GPU kernels at training shapes on Hopper; their kernels
+are named `qmatmul_{fwd,dx}_mgpu`, ncu's `--kernel-name regex:mgpu`), e.g. '{"block_m": 1,
 "block_n": 16, "block_k": 128, "num_warps": 1, "split_k": 8, "scale_mode":
 "weights", "contraction": "fma"}'. Weights are random `--bits` codes in
 group-128 asymmetric format (bench_kernels.py's), or NF4 group 64 with
@@ -52,14 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--k", type=int, default=4096)
   ap.add_argument("--bits", default="4", help="2, 3, 4, 8 or nf4")
   ap.add_argument("--config", default=None,
-                  help="TuningConfig fields as JSON (default: the table's)")
+                  help="TuningConfig fields as JSON, or 'auto' "
+                  "(qmatmul's own choice); default: the table's")
   ap.add_argument("--launches", type=int, default=5,
                   help="kernel calls (ncu's --launch-skip picks one)")
   ap.add_argument("--interpret", action="store_true")
   return ap.parse_args(argv)
 
 
-def tuning_for(args, bits) -> tuning_lib.TuningConfig:
+def tuning_for(args, bits) -> tuning_lib.TuningConfig | None:
+  if args.config == "auto":
+    return None
   if args.config:
     return tuning_lib.TuningConfig(**json.loads(args.config))
   return tuning_lib.choose(args.op, args.m, args.n, args.k,
@@ -86,7 +91,8 @@ def main(argv=None) -> dict:
   rel_err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref)
                   / jnp.linalg.norm(ref))
   report = dict(op=args.op, M=args.m, N=args.n, K=args.k, bits=args.bits,
-                config=dataclasses.asdict(cfg), rel_err=rel_err)
+                config=dataclasses.asdict(cfg) if cfg else "auto",
+                rel_err=rel_err)
   print(json.dumps(report), flush=True)
   if not rel_err <= 1e-2:
     raise SystemExit(f"relative error {rel_err} > 1e-2: wrong kernel")

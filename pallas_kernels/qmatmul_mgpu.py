@@ -220,7 +220,7 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
   epi = cfg.epi_rows
   slots = min(2, rows // epi)  # epilogue buffers per warpgroup
 
-  def kernel(q_gmem, x_gmem, p_gmem, out_gmem, out_smem):
+  def qmatmul_fwd_mgpu(q_gmem, x_gmem, p_gmem, out_gmem, out_smem):
     get_pipeline = pipeline_maker([
         plgpu.BlockSpec((cta_rows, kb), lambda s: (0, s),
                         transforms=swizzled(jnp.uint8, kb)),
@@ -285,7 +285,7 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  return launch(kernel, (m, n), dtype, num_sms, out_smem=plgpu.SMEM(
+  return launch(qmatmul_fwd_mgpu, (m, n), dtype, num_sms, out_smem=plgpu.SMEM(
       (2, slots, tokens, epi), dtype, transforms=swizzled(dtype, epi)))(
           codes, x, params)
 

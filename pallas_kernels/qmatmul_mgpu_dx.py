@@ -121,8 +121,8 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                                 transforms=mg.swizzled(jnp.uint8, kb), **late)
   param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn), **late)
 
-  def kernel(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem, ready,
-             q0_smem, p0_smem, loaded):
+  def qmatmul_dx_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem,
+                      ready, q0_smem, p0_smem, loaded):
     get_pipeline = mg.pipeline_maker([
         plgpu.BlockSpec((cta_tokens, bn), lambda s: (0, s),
                         transforms=mg.swizzled(dtype, bn), **late),
@@ -218,7 +218,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   return mg.launch(
-      kernel, (m, k), dtype, num_sms,
+      qmatmul_dx_mgpu, (m, k), dtype, num_sms,
       w_smem=plgpu.SMEM((nbuf, bn, 2 * kb), dtype,
                         transforms=mg.swizzled(dtype, 2 * kb)),
       out_smem=plgpu.SMEM((2, EPI_TOKENS, kb), dtype,
