@@ -68,17 +68,19 @@ CONFIGS = (
 # (mgpu_train_dx_h100_2026-11-28_s11.json); dx^T = deq(W)^T dy^T with the
 # weight read transposed as the register operand (the forward's design),
 # 286.8 / 752.6 / 747.0 (..._s11_transposed.json, commit 58ce326).
-# Session 12 queue: three buffers now keep each wgmma in flight into the
-# next step (the two-buffer default drains the tensor core at every step);
-# and wgmma N = 256 over 64-token warpgroup tiles (queued in session 11),
-# the weight tile read by two m64 wgmmas per step instead of four, at twice
-# the dequantization per MMA.
+# Session 12 (H200 ncu profile of DxConfig() at 4096^2: the compute
+# warpgroups spent ~57 % of their samples dequantizing, about eight
+# instructions per pair of codes; the tensor core ~57 % busy). First probe
+# (H100, mgpu_train_dx_h100_2026-11-28_s12a.json, commit c3309fd; XLA bf16
+# 185.4 / 485.1 / 554.3 us): three buffers keeping each wgmma in flight
+# into the next step (4 stages) 247.8 / 632.8 / 673.8 against the default's
+# 250.4 / 653.1 / 691.1; with 3 stages 255.9 / 653.4 / 707.2; wgmma N = 256
+# over 64-token warpgroup tiles (twice the dequantization per MMA) 303.9 /
+# 792.5 / 826.8, in flight 336.4 / 862.5 / 851.7. Now the codes are
+# converted by bit operations (`qmatmul_mgpu.biased_codes_ptx`).
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(stages=3, w_buffers=3),
     mdx.DxConfig(stages=4, w_buffers=3),
-    mdx.DxConfig(tokens=64, block_kb=128),
-    mdx.DxConfig(tokens=64, block_kb=128, stages=3, w_buffers=3),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 

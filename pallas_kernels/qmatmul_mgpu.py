@@ -15,19 +15,19 @@ its low nibble and column K/2 + j in its high nibble. One pipeline step
 takes `block_kb` bytes of `2 * rows` weight rows and two x tiles (columns
 `j..j+block_kb` and `K/2 + j..`), and per warpgroup issues
 
-    acc += ((q & 0x0F) - z_lo) s_lo @ x_lo^T
-         + (((q ^ 0x80) & 0xF0) - (16 z_hi - 128)) (s_hi / 16) @ x_hi^T
+    acc += ((128 + lo) - (128 + z_lo)) s_lo @ x_lo^T
+         + ((128 + 8 hi) - (128 + 8 z_hi)) (s_hi / 8) @ x_hi^T
 
-with the codes read as int8 (a bitcast in registers; Mosaic GPU converts
-signed bytes to bf16 with a byte permute; 8-bit registers take masks but
-no shifts, so the high nibble stays in place, 16x its value, its top bit
-flipped so the signed byte reads `16 (h - 8)`). Each bracket is exact in
-bf16 (integers below 256 in multiples of 16), so every weight is rounded
-once, as in the XLA path. `block_kb` divides the group size and K/2 is a
-multiple of it, so each plane of a step lies in one group: the step's group
-parameters are one `(s, z)` pair of vectors per plane, broadcast along
-the row (`group_params` lays them out as `(G, 2, N)` with one transpose;
-the high plane's `s / 16` and `16 z - 128` are made in registers).
+with `128 + lo` and `128 + 8 hi` made from the bytes by bit operations
+alone (`biased_codes`: the nibble placed under bf16's exponent for 128;
+three PTX instructions per pair of codes, `biased_codes_ptx`, where Mosaic
+GPU's own int8 -> bf16 conversion spends about eight). Each bracket is exact
+in bf16 (integers below 256), so every weight is rounded once, as in the
+XLA path. `block_kb` divides the group size and K/2 is a multiple of it,
+so each plane of a step lies in one group: the step's group parameters are
+one `(s, z)` pair of vectors per plane, broadcast along the row
+(`group_params` lays them out as `(G, 2, N)` with one transpose; the
+brackets' `128 + f z` and `s / f` are made in registers).
 
 Each CTA runs one pipeline per output tile; the tiles' pipelines are
 chained (`tile_state`), so the memory warpgroup loads the next tile's
@@ -55,6 +55,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -107,32 +108,84 @@ def group_params(scale: jax.Array, zero_point: jax.Array | None,
   return pair.reshape(2 * n, g).T.reshape(g, 2, n)
 
 
+# bf16 bits 0x4300 | m (m < 128) are the number 128 + m: a code placed in
+# the low mantissa bits under this exponent is converted by bit operations.
+BF16_128 = 0x4300
+PLANE_FACTOR = (1, 8)  # plane 1's nibble lands 8x (bits 3-6 of the mantissa)
+
+
+def biased_codes(q: jax.Array, plane: int) -> jax.Array:
+  """`(R, C)` bf16 `128 + PLANE_FACTOR[plane] * nibble` of uint8 planar
+  bytes `q` (low nibble: plane 0, high: plane 1), made by bit operations:
+  `0x4300 | (q & 0x0F)` and `0x4300 | ((q >> 1) & 0x78)` on 16-bit lanes.
+  Plain jnp (any backend); the kernels run `biased_codes_ptx`, the same
+  bits in three PTX instructions per pair of codes."""
+  wide = q.astype(jnp.uint16)
+  nibble = wide & 0x0F if plane == 0 else (wide >> 1) & 0x78
+  return lax.bitcast_convert_type(nibble | BF16_128, jnp.bfloat16)
+
+
+# PTX per register (two codes: bytes 0, 1 of $1): spread the bytes into the
+# low bytes of two 16-bit lanes (prmt), keep the nibble and set the
+# exponent bits ((a & b) | c, lop3's table 0xEA). Plane 1 first shifts the
+# pair right by one bit, so its nibble sits in bits 3-6.
+_SPREAD = "prmt.b32 t, {src}, 0, 0x4140;"
+_MASK = "lop3.b32 $0, t, {mask:#010x}, 0x43004300, 0xEA;"
+_PTX = (
+    "{ .reg .b32 t; " + _SPREAD.format(src="$1") + " "
+    + _MASK.format(mask=0x000F000F) + " }",
+    "{ .reg .b32 t; shr.b32 t, $1, 1; " + _SPREAD.format(src="t") + " "
+    + _MASK.format(mask=0x00780078) + " }",
+)
+
+
+def biased_codes_ptx(q: jax.Array, plane: int) -> jax.Array:
+  """`biased_codes` inside a Mosaic GPU kernel: uint8 `q` in the WGMMA
+  layout (two adjacent codes per register) to bf16 in the same layout."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.mlir.dialects import llvm
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  # pylint: enable=g-import-not-at-top
+  layout = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
+      q.shape, jnp.bfloat16, layout=layout))
+  def convert(_, codes):
+    i16, i32 = (ir.IntegerType.get_signless(b) for b in (16, 32))
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    out = np.empty_like(codes.registers)
+    for idx, reg in np.ndenumerate(codes.registers):
+      word = arith.extui(i32, mgpu_utils.bitcast(reg, i16))
+      bits = llvm.inline_asm(i32, [word], _PTX[plane], "=r,r")
+      out[idx] = mgpu_utils.bitcast(bits, pair)
+    return mgpu.FragmentedArray(_registers=out, _layout=codes.layout,
+                                _is_signed=None)
+
+  return convert(q)
+
+
 def dequantize_plane(q: jax.Array, plane: int, s: jax.Array, z: jax.Array,
-                     dtype) -> jax.Array:
-  """One plane's weights from a byte tile, as the kernels compute them.
+                     codes=biased_codes_ptx) -> jax.Array:
+  """One plane's bf16 weights from a byte tile, as the kernels compute them.
 
   Args:
     q: uint8 `(R, C)` planar bytes (low nibble: plane 0, high: plane 1).
     plane: 0 or 1 (static).
-    s, z: the plane's group scale and zero point, row vectors `(R,)` in
-      `dtype` (its rows of `group_params`).
-    dtype: the activations' dtype.
+    s, z: the plane's group scale and zero point, bf16 row vectors `(R,)`
+      (its rows of `group_params`).
+    codes: `biased_codes_ptx` (in a kernel) or `biased_codes` (anywhere).
 
   Returns:
-    `(R, C)` weights `(q - z) s`, each rounded once to `dtype`. Plane 0
-    reads `q & 0x0F`; plane 1 reads its nibble in place with the top bit
-    flipped, `(q ^ 0x80) & 0xF0` as int8 = `16 (h - 8)` (8-bit registers
-    take masks but no shifts), so its parameters become `s / 16` and
-    `16 z - 128`, both exact in `dtype`, as is each bracket below.
+    `(R, C)` weights `(q - z) s`, each rounded once to bf16: with `f` =
+    PLANE_FACTOR[plane], `(128 + f q) - (128 + f z)` is exact in bf16
+    (integers below 256) and the product with `s / f` rounds once.
   """
-  q = lax.bitcast_convert_type(q, jnp.int8)
-  if plane == 0:
-    codes = q & jnp.int8(0x0F)
-  else:
-    codes = (q ^ jnp.int8(-128)) & jnp.int8(-16)
-    s, z = s * (1 / 16), z * 16 - 128
+  f = PLANE_FACTOR[plane]
   full = lambda v: lax.broadcast_in_dim(v, q.shape, (0,))
-  return (codes.astype(dtype) - full(z)) * full(s)
+  return (codes(q, plane) - full(z * f + 128)) * full(s * (1 / f))
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
@@ -268,10 +321,8 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
         def body(_, q_smem, xlo_smem, xhi_smem, plo_smem, phi_smem,
                  acc_ref):
           q = q_smem[wg_rows]
-          w_lo = dequantize_plane(q, 0, *load_params(plo_smem, wg_rows),
-                                  dtype)
-          w_hi = dequantize_plane(q, 1, *load_params(phi_smem, wg_rows),
-                                  dtype)
+          w_lo = dequantize_plane(q, 0, *load_params(plo_smem, wg_rows))
+          w_hi = dequantize_plane(q, 1, *load_params(phi_smem, wg_rows))
           plgpu.wgmma(acc_ref, w_lo, _transposed(xlo_smem))
           plgpu.wgmma(acc_ref, w_hi, _transposed(xhi_smem))
           plgpu.wgmma_wait(0)

@@ -143,7 +143,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
           @pl.when(wg == plane)
           def _store():
             w = mg.dequantize_plane(q_smem[...], plane,
-                                    *mg.load_params(p_smem), dtype)
+                                    *mg.load_params(p_smem))
             w_smem[buf, :, plane * kb:(plane + 1) * kb] = w
         plgpu.commit_smem()
 

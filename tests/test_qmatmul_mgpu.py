@@ -32,8 +32,8 @@ def _weight(key, n, k, group=128, symmetric=False):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("block_kb", [32, 64])
 def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
-  """Every step's tile, dequantized as the kernels do it (int8 masks, the
-  flipped top bit, the (G, 2, N) group parameters), equals
+  """Every step's tile, dequantized as the kernels do it (the codes under
+  bf16's exponent for 128, the (G, 2, N) group parameters), equals
   `qa.dequantize(w, bf16)` exactly: each weight is rounded once."""
   n, k, g = 64, 1024, 128
   w = _weight(2, n, k, g, symmetric)
@@ -45,7 +45,7 @@ def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
     q = w.qvalue[:, j:j + block_kb]
     for plane, col in ((0, j), (1, half + j)):
       s, z = params[col // g]
-      got = mg.dequantize_plane(q, plane, s, z, jnp.bfloat16)
+      got = mg.dequantize_plane(q, plane, s, z, codes=mg.biased_codes)
       np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
                                     want[:, col:col + block_kb])
 
