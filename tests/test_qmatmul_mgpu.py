@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import qmatmul as kq
 from pallas_kernels import qmatmul_mgpu as mg
@@ -115,6 +116,43 @@ def test_dx_lowers_for_cuda():
   assert "mosaic_gpu" in text
 
 
+def _dequantized_on_gpu(q, params, plane):
+  """`mg.dequantize_plane` of a `(64, C)` byte tile in a one-warpgroup
+  Mosaic GPU kernel (params: `(1, 2, 64)` s, z), as the kernels run it."""
+  rows, cols = q.shape
+
+  def kernel(q_gmem, p_gmem, out_gmem, q_smem, p_smem, out_smem, loaded):
+    plgpu.copy_gmem_to_smem(q_gmem, q_smem, loaded)
+    plgpu.copy_gmem_to_smem(p_gmem, p_smem, loaded)
+    plgpu.barrier_wait(loaded)
+    out_smem[...] = mg.dequantize_plane(q_smem[...], plane,
+                                        *mg.load_params(p_smem))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((rows, cols), jnp.bfloat16),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      scratch_types=dict(
+          q_smem=plgpu.SMEM((rows, cols), jnp.uint8,
+                            transforms=mg.swizzled(jnp.uint8, cols)),
+          p_smem=plgpu.SMEM((1, 2, rows), jnp.bfloat16),
+          out_smem=plgpu.SMEM((rows, cols), jnp.bfloat16,
+                              transforms=mg.swizzled(jnp.bfloat16, cols)),
+          loaded=plgpu.Barrier(num_arrivals=2)))(q, params)
+
+
+def test_conversion_kernel_lowers_for_cuda():
+  """The GPU twin's one-tile conversion kernel lowers (here, on the CPU)."""
+  f = jax.jit(functools.partial(_dequantized_on_gpu, plane=1))
+  text = f.trace(jax.ShapeDtypeStruct((64, 64), jnp.uint8),
+                 jax.ShapeDtypeStruct((1, 2, 64), jnp.bfloat16)
+                 ).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
 @pytest.mark.gpu
 class TestMgpuGpu:
   """On a Hopper GPU: the kernel against the float32 reference, fresh
@@ -144,7 +182,8 @@ class TestMgpuGpu:
     assert err < 1e-2, err
 
   # (4096, 2048, 2048): several tiles per CTA (the buffers rotate on);
-  # three buffers (early arrival); wgmma N = 256 over 64-token tiles.
+  # three buffers (each wgmma in flight into the next step); wgmma N = 256
+  # over 64-token tiles.
   @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
       (1024, 1024, 2048, False, mdx.DxConfig()),
       (1024, 512, 1024, True, mdx.DxConfig()),
@@ -162,6 +201,24 @@ class TestMgpuGpu:
     ref = kq.reference_dx(dy, w)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
+
+  @pytest.mark.parametrize("plane", [0, 1])
+  def test_ptx_conversion_is_bitwise_the_jnp_one(self, plane):
+    """`dequantize_plane` inside a Mosaic GPU kernel (the PTX code
+    conversion, `biased_codes_ptx`) equals it with the jnp `biased_codes`
+    bit for bit, over all 256 byte values in every column position."""
+    q = (jnp.arange(64 * 64, dtype=jnp.uint32) * 7 % 256).astype(
+        jnp.uint8).reshape(64, 64)
+    s = (jax.random.normal(jax.random.PRNGKey(plane), (64,)) * 0.02).astype(
+        jnp.bfloat16)
+    z = jax.random.randint(jax.random.PRNGKey(9), (64,), 0, 16).astype(
+        jnp.bfloat16)
+    got = jax.jit(functools.partial(_dequantized_on_gpu, plane=plane))(
+        q, jnp.stack([s, z])[None])
+    want = mg.dequantize_plane(q, plane, s, z, codes=mg.biased_codes)
+    np.testing.assert_array_equal(
+        np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)),
+        np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)))
 
   def test_qdot_default_takes_it(self):
     w = _weight(5, 512, 1024)
