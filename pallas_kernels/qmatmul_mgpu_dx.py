@@ -61,8 +61,9 @@ EPI_TOKENS = 64  # dx rows per epilogue store (a smaller buffer: more stages)
 
 @dataclasses.dataclass(frozen=True)
 class DxConfig:
-  """The defaults won experiments/bench_mgpu_train.py's session-11 runs at
-  all three training shapes (mgpu_train_dx_h100_2026-11-28_s11.json).
+  """The defaults won experiments/bench_mgpu_train.py's session-11 and -12
+  runs at all three training shapes (mgpu_train_dx_h100_2026-11-28_s11.json,
+  mgpu_train_both_h100_2026-11-28_s12b.json).
 
   tokens: dy rows per compute warpgroup (wgmma M; a CTA covers two);
   block_kb: byte columns per CTA (its output columns are 2 * block_kb,
