@@ -77,10 +77,17 @@ CONFIGS = (
 # 250.4 / 653.1 / 691.1; with 3 stages 255.9 / 653.4 / 707.2; wgmma N = 256
 # over 64-token warpgroup tiles (twice the dequantization per MMA) 303.9 /
 # 792.5 / 826.8, in flight 336.4 / 862.5 / 851.7. Now the codes are
-# converted by bit operations (`qmatmul_mgpu.biased_codes_ptx`).
+# converted by bit operations (`qmatmul_mgpu.biased_codes_ptx`): 246.5 /
+# 632.2 / 648.4 (mgpu_train_both_h100_2026-11-28_s12b.json, commit dfeef38),
+# in flight 253.2 / 652.8 / 663.1. Its profile (H100, commit 93a13a2) has
+# the dequantization waiting on its 20 16-bit shared loads per warp and
+# step. Queued (lowered on the CPU, not yet timed): the code tile and its
+# parameters read into registers a step early and carried (`carry_codes`),
+# with two buffers and in flight.
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(stages=4, w_buffers=3),
+    mdx.DxConfig(carry_codes=True),
+    mdx.DxConfig(carry_codes=True, w_buffers=3, stages=3),
 )
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 

@@ -69,13 +69,19 @@ class DxConfig:
   block_kb: byte columns per CTA (its output columns are 2 * block_kb,
   wgmma N); block_n: contraction rows per step; stages: steps in flight;
   w_buffers: dequantized tiles in shared memory: 2 (each step's wgmma
-    retired within the step) or 3 (kept in flight into the next step)."""
+    retired within the step) or 3 (kept in flight into the next step);
+  carry_codes: read each code tile (and its group parameters) into
+    registers one step before it is dequantized, carried across the step,
+    so the shared-memory loads' latency hides under a step's work (queued
+    for a probe: the session-12 profile found the dequantization waiting on
+    them)."""
   tokens: int = 128
   block_kb: int = 64
   block_n: int = 64
   stages: int = 4
   grid_tile_width: int = 4
   w_buffers: int = 2
+  carry_codes: bool = False
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
@@ -95,6 +101,9 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
       (half % group_size == 0,
        f"K/2={half} must be a multiple of the group size {group_size}"),
       (cfg.w_buffers in (2, 3), f"w_buffers={cfg.w_buffers} must be 2 or 3"),
+      (not cfg.carry_codes or n >= 2 * cfg.block_n,
+       f"N={n} must be at least 2 * block_n={2 * cfg.block_n} with "
+       "carry_codes (two tiles before the pipeline)"),
   )
   mg.raise_first_broken(rules)
 
@@ -117,7 +126,12 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   m_iters, c_iters = m // cta_tokens, half // kb
   half_groups = half // group_size
   dtype = dy.dtype
-  ahead = lambda s: (jnp.minimum(s + 1, steps - 1), 0)  # step s + 1's rows
+  # The code rows a step reads: those it dequantizes (s + 1) or, carried,
+  # those the next step dequantizes (s + 2).
+  lead = 2 if cfg.carry_codes else 1
+  ahead = lambda s: (jnp.minimum(s + lead, steps - 1), 0)
+  rows0 = lead * bn  # code rows each warpgroup loads before the pipeline
+  planes0 = 2 if cfg.carry_codes else 1  # parameter planes loaded with them
   code_spec = functools.partial(plgpu.BlockSpec, (bn, kb),
                                 transforms=mg.swizzled(jnp.uint8, kb), **late)
   param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn), **late)
@@ -137,16 +151,22 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
       wg = lax.axis_index("wg")
       wg_tokens = pl.ds(wg * tokens, tokens)
 
-      def store_half(q_smem, plane_params, buf):
-        """This warpgroup's plane of a code tile (`plane_params`: the two
-        planes' `(1, 2, block_n)` parameter blocks) into buffer `buf`."""
-        for plane, p_smem in enumerate(plane_params):
+      def store_half(codes, plane_params, buf):
+        """This warpgroup's plane of a code tile into buffer `buf`:
+        `codes()` the uint8 `(block_n, block_kb)` tile, `plane_params(p)`
+        plane p's `(s, z)` row vectors (read where called, in the
+        warpgroup's branch)."""
+        for plane in (0, 1):
           @pl.when(wg == plane)
           def _store():
-            w = mg.dequantize_plane(q_smem[...], plane,
-                                    *mg.load_params(p_smem))
+            w = mg.dequantize_plane(codes(), plane, *plane_params(plane))
             w_smem[buf, :, plane * kb:(plane + 1) * kb] = w
         plgpu.commit_smem()
+
+      def read_tile(q_smem, plo_smem, phi_smem, rows=slice(None)):
+        """A code tile and both planes' parameters, into registers."""
+        return (q_smem[rows], (mg.load_params(plo_smem, rows),
+                               mg.load_params(phi_smem, rows)))
 
       @plgpu.nd_loop((m_iters * c_iters,), collective_axes="sm")
       def _tiles(info):
@@ -162,22 +182,34 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
         lo, hi = pl.ds(g_lo, 1), pl.ds(half_groups + g_lo, 1)
 
         def compute_context(run_pipeline):
-          # Tile 0, before the pipeline: this warpgroup's plane of the
-          # first code rows, loaded by TMA here.
-          plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(0, bn), cols],
+          # Tile 0 (and, carried, tile 1), before the pipeline: the first
+          # code rows and this warpgroup's plane of their parameters (both
+          # planes, carried), loaded by TMA here.
+          plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(0, rows0), cols],
                                   q0_smem.at[wg], loaded.at[wg])
-          plgpu.copy_gmem_to_smem(
-              p_gmem.at[pl.ds(g_lo + wg * half_groups, 1), :, pl.ds(0, bn)],
-              p0_smem.at[wg], loaded.at[wg])
+          own = 0 if planes0 == 2 else wg  # the plane p0_smem.at[wg, 0] holds
+          for slot in range(planes0):
+            plane_row = g_lo + (slot + own) * half_groups
+            plgpu.copy_gmem_to_smem(
+                p_gmem.at[pl.ds(plane_row, 1), :, pl.ds(0, rows0)],
+                p0_smem.at[wg, slot], loaded.at[wg])
           plgpu.barrier_wait(loaded.at[wg])
-          store_half(q0_smem.at[wg], (p0_smem.at[wg],) * 2, buffer(0))
+          p0_own = p0_smem.at[wg, wg - own]
+          tile0 = pl.ds(0, bn)
+          store_half(lambda: q0_smem.at[wg][tile0],
+                     lambda _: mg.load_params(p0_own, tile0), buffer(0))
           plgpu.barrier_arrive(ready.at[buffer(0)])
 
           @functools.partial(
               pl.run_scoped,
               acc_ref=plgpu.ACC((tokens, 2 * kb), jnp.float32))
           def _acc(acc_ref):
-            run_pipeline(acc_ref)
+            if cfg.carry_codes:
+              run_pipeline((acc_ref, *read_tile(
+                  q0_smem.at[wg], p0_smem.at[wg, 0], p0_smem.at[wg, 1],
+                  pl.ds(bn, bn))))
+            else:
+              run_pipeline(acc_ref)
             plgpu.wgmma_wait(0)
             acc = acc_ref[...].astype(dtype)
             for plane in (0, 1):
@@ -192,17 +224,25 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                         pl.ds(r, EPI_TOKENS),
                         pl.ds(plane * half + c_idx * kb, kb)])
 
-        def body(idx, dy_smem, q_next, plo_next, phi_next, acc_ref):
+        def body(idx, dy_smem, q_next, plo_next, phi_next, carry):
           (s,) = idx
+          acc_ref = carry[0] if cfg.carry_codes else carry
           plgpu.barrier_wait(ready.at[buffer(s)])
           plgpu.wgmma(acc_ref, dy_smem.at[wg_tokens], w_smem.at[buffer(s)])
           if in_flight:
             plgpu.wgmma_wait(1)  # this warpgroup's wgmma of step s - 1
           not_last = s < steps - 1
+          if cfg.carry_codes:  # tile s + 1 in registers; read tile s + 2
+            _, q_regs, p_regs = carry
+            carry = (acc_ref, *read_tile(q_next, plo_next, phi_next))
+            codes, plane_params = lambda: q_regs, lambda p: p_regs[p]
+          else:
+            codes = lambda: q_next[...]
+            plane_params = lambda p: mg.load_params((plo_next, phi_next)[p])
 
           @pl.when(not_last)
           def _next_tile():
-            store_half(q_next, (plo_next, phi_next), buffer(s + 1))
+            store_half(codes, plane_params, buffer(s + 1))
 
           if not in_flight:
             plgpu.wgmma_wait(0)
@@ -210,7 +250,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
           @pl.when(not_last)
           def _arrive():
             plgpu.barrier_arrive(ready.at[buffer(s + 1)])
-          return acc_ref
+          return carry
 
         get_pipeline(body, compute_context)(
             dy_gmem.at[cta_m, :], q_gmem.at[:, cols], p_gmem.at[lo],
@@ -225,10 +265,10 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
       out_smem=plgpu.SMEM((2, EPI_TOKENS, kb), dtype,
                           transforms=mg.swizzled(dtype, kb)),
       ready=plgpu.Barrier(num_arrivals=2, num_barriers=nbuf),
-      q0_smem=plgpu.SMEM((2, bn, kb), jnp.uint8,
+      q0_smem=plgpu.SMEM((2, rows0, kb), jnp.uint8,
                          transforms=mg.swizzled(jnp.uint8, kb)),
-      p0_smem=plgpu.SMEM((2, 1, 2, bn), dtype),
-      loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2))(
+      p0_smem=plgpu.SMEM((2, planes0, 1, 2, rows0), dtype),
+      loaded=plgpu.Barrier(num_arrivals=1 + planes0, num_barriers=2))(
           dy, codes, params)
 
 

@@ -73,6 +73,12 @@ def test_dx_check_shapes_names_the_broken_rule(shape, message):
     mdx.check_shapes(*shape, mdx.DxConfig())
 
 
+def test_dx_carry_codes_needs_two_tiles():
+  mdx.check_shapes(256, 64, 256, 64, mdx.DxConfig())
+  with pytest.raises(ValueError, match="at least 2 \\* block_n"):
+    mdx.check_shapes(256, 64, 256, 64, mdx.DxConfig(carry_codes=True))
+
+
 def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
   w = _weight(3, 256, 1024)
   x = jnp.ones((1024, 1024), jnp.bfloat16)
@@ -104,10 +110,14 @@ def test_lowers_for_cuda():
   assert "mosaic_gpu" in text
 
 
-def test_dx_lowers_for_cuda():
+@pytest.mark.parametrize("cfg", [mdx.DxConfig(),
+                                 mdx.DxConfig(carry_codes=True),
+                                 mdx.DxConfig(carry_codes=True, w_buffers=3,
+                                              stages=3)])
+def test_dx_lowers_for_cuda(cfg):
   """The input-gradient kernel also lowers with jax 0.10 (CI's)."""
   m, n, k, g = 1024, 512, 1024, 128
-  dx = jax.jit(functools.partial(mdx.fused_dx, group_size=g))
+  dx = jax.jit(functools.partial(mdx.fused_dx, group_size=g, cfg=cfg))
   text = dx.trace(
       jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
       jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
@@ -183,14 +193,18 @@ class TestMgpuGpu:
 
   # (4096, 2048, 2048): several tiles per CTA (the buffers rotate on);
   # three buffers (each wgmma in flight into the next step); wgmma N = 256
-  # over 64-token tiles.
+  # over 64-token tiles; code tiles carried in registers a step early.
   @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
       (1024, 1024, 2048, False, mdx.DxConfig()),
       (1024, 512, 1024, True, mdx.DxConfig()),
       (1024, 768, 4352, False, mdx.DxConfig()),
       (4096, 2048, 2048, False, mdx.DxConfig()),
       (4096, 2048, 2048, True, mdx.DxConfig(stages=3, w_buffers=3)),
-      (4096, 2048, 2048, False, mdx.DxConfig(tokens=64, block_kb=128))])
+      (4096, 2048, 2048, False, mdx.DxConfig(tokens=64, block_kb=128)),
+      (1024, 768, 4352, True, mdx.DxConfig(carry_codes=True)),
+      (4096, 2048, 2048, False, mdx.DxConfig(carry_codes=True)),
+      (4096, 2048, 2048, False,
+       mdx.DxConfig(carry_codes=True, w_buffers=3, stages=3))])
   def test_dx_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 1, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n), (m, n), jnp.bfloat16)
