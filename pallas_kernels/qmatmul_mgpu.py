@@ -57,7 +57,12 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith
+from jaxlib.mlir.dialects import llvm
 
 BITS = 4
 MIN_M = 1024  # measured at M = 4096 (experiments/bench_mgpu_train.py)
@@ -130,7 +135,7 @@ def biased_codes(q: jax.Array, plane: int) -> jax.Array:
 # exponent bits ((a & b) | c, lop3's table 0xEA). Plane 1 first shifts the
 # pair right by one bit, so its nibble sits in bits 3-6.
 _SPREAD = "prmt.b32 t, {src}, 0, 0x4140;"
-_MASK = "lop3.b32 $0, t, {mask:#010x}, 0x43004300, 0xEA;"
+_MASK = "lop3.b32 $0, t, {mask:#010x}, " + f"{BF16_128 * 0x10001:#010x}, 0xEA;"
 _PTX = (
     "{ .reg .b32 t; " + _SPREAD.format(src="$1") + " "
     + _MASK.format(mask=0x000F000F) + " }",
@@ -142,13 +147,6 @@ _PTX = (
 def biased_codes_ptx(q: jax.Array, plane: int) -> jax.Array:
   """`biased_codes` inside a Mosaic GPU kernel: uint8 `q` in the WGMMA
   layout (two adjacent codes per register) to bf16 in the same layout."""
-  # pylint: disable=g-import-not-at-top
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith
-  from jax._src.lib.mlir.dialects import llvm
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  # pylint: enable=g-import-not-at-top
   layout = plgpu.Layout.WGMMA
 
   @plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
