@@ -17,9 +17,9 @@ The kernel runs with the tuning table's config for its shape (as the
 benchmark's, with bf16 activations) unless
 `--config` gives TuningConfig fields as JSON (or `auto`: qmatmul's own
 choice, the Mosaic GPU kernels at training shapes on Hopper; their kernels
-are named `qmatmul_{fwd,dx}_mgpu`, ncu's `--kernel-name regex:mgpu`), e.g. '{"block_m": 1,
-"block_n": 16, "block_k": 128, "num_warps": 1, "split_k": 8, "scale_mode":
-"weights", "contraction": "fma"}'. Weights are random `--bits` codes in
+are named `qmatmul_{fwd,dx}_mgpu`, ncu's `--kernel-name regex:mgpu`), e.g.
+'{"block_m": 1, "block_n": 16, "block_k": 128, "num_warps": 1, "split_k":
+8, "scale_mode": "weights", "contraction": "fma"}'. Weights are random `--bits` codes in
 group-128 asymmetric format (bench_kernels.py's), or NF4 group 64 with
 `--bits nf4`; activations random normal bf16. Prints the config and the
 relative error against the float32 reference, so a profile is never of a

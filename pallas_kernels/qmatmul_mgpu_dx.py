@@ -131,7 +131,6 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   lead = 2 if cfg.carry_codes else 1
   ahead = lambda s: (jnp.minimum(s + lead, steps - 1), 0)
   rows0 = lead * bn  # code rows each warpgroup loads before the pipeline
-  planes0 = 2 if cfg.carry_codes else 1  # parameter planes loaded with them
   code_spec = functools.partial(plgpu.BlockSpec, (bn, kb),
                                 transforms=mg.swizzled(jnp.uint8, kb), **late)
   param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn), **late)
@@ -183,21 +182,19 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
 
         def compute_context(run_pipeline):
           # Tile 0 (and, carried, tile 1), before the pipeline: the first
-          # code rows and this warpgroup's plane of their parameters (both
-          # planes, carried), loaded by TMA here.
+          # code rows and both planes' parameters, loaded by TMA here.
           plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(0, rows0), cols],
                                   q0_smem.at[wg], loaded.at[wg])
-          own = 0 if planes0 == 2 else wg  # the plane p0_smem.at[wg, 0] holds
-          for slot in range(planes0):
-            plane_row = g_lo + (slot + own) * half_groups
+          for plane in (0, 1):
             plgpu.copy_gmem_to_smem(
-                p_gmem.at[pl.ds(plane_row, 1), :, pl.ds(0, rows0)],
-                p0_smem.at[wg, slot], loaded.at[wg])
+                p_gmem.at[pl.ds(g_lo + plane * half_groups, 1), :,
+                          pl.ds(0, rows0)],
+                p0_smem.at[wg, plane], loaded.at[wg])
           plgpu.barrier_wait(loaded.at[wg])
-          p0_own = p0_smem.at[wg, wg - own]
           tile0 = pl.ds(0, bn)
           store_half(lambda: q0_smem.at[wg][tile0],
-                     lambda _: mg.load_params(p0_own, tile0), buffer(0))
+                     lambda p: mg.load_params(p0_smem.at[wg, p], tile0),
+                     buffer(0))
           plgpu.barrier_arrive(ready.at[buffer(0)])
 
           @functools.partial(
@@ -267,8 +264,8 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
       ready=plgpu.Barrier(num_arrivals=2, num_barriers=nbuf),
       q0_smem=plgpu.SMEM((2, rows0, kb), jnp.uint8,
                          transforms=mg.swizzled(jnp.uint8, kb)),
-      p0_smem=plgpu.SMEM((2, planes0, 1, 2, rows0), dtype),
-      loaded=plgpu.Barrier(num_arrivals=1 + planes0, num_barriers=2))(
+      p0_smem=plgpu.SMEM((2, 2, 1, 2, rows0), dtype),
+      loaded=plgpu.Barrier(num_arrivals=3, num_barriers=2))(
           dy, codes, params)
 
 
