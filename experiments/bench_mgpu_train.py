@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from pallas_kernels import qmatmul_mgpu as mg  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import qmatmul_mgpu_dx as mdx  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import qmatmul_mgpu_dxt as dxt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 M = 4096
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -86,9 +87,16 @@ CONFIGS = (
 # with two buffers and in flight.
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(carry_codes=True),
-    mdx.DxConfig(carry_codes=True, w_buffers=3, stages=3),
+    dxt.DxtConfig(),
+    dxt.DxtConfig(code_swizzle=0),
+    dxt.DxtConfig(block_n=128, stages=2),
+    dxt.DxtConfig(tokens=128),
 )
+
+
+def dx_kernel(cfg):
+  """The fused input-gradient function of `cfg`'s kernel."""
+  return dxt.fused_dx if isinstance(cfg, dxt.DxtConfig) else mdx.fused_dx
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 
 
@@ -100,7 +108,7 @@ def _leaves(w):
 def lower_all() -> None:
   n, k = SHAPES[0]
   for cfg in DX_CONFIGS:
-    f = jax.jit(functools.partial(mdx.fused_dx, group_size=GROUP, cfg=cfg))
+    f = jax.jit(functools.partial(dx_kernel(cfg), group_size=GROUP, cfg=cfg))
     f.trace(jax.ShapeDtypeStruct((M, n), jnp.bfloat16),
             jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
             jax.ShapeDtypeStruct((k // GROUP, 2, n), jnp.bfloat16)
@@ -137,15 +145,16 @@ def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
                           jnp.bfloat16)
   ref = kq.reference_dx(dy0, fresh)
   for cfg in DX_CONFIGS:
-    call = lambda dy, w, cfg=cfg: mdx.fused_dx(
+    call = lambda dy, w, cfg=cfg: dx_kernel(cfg)(
         dy, w.qvalue, mg.group_params(w.scale, w.zero_point),
         group_size=GROUP, cfg=cfg, num_sms=num_sms)
-    extra = dict(shape, config=dataclasses.asdict(cfg))
+    extra = dict(shape, kernel=dx_kernel(cfg).__module__.split(".")[-1],
+                 config=dataclasses.asdict(cfg))
     row = timed("mgpu_dx", call, list(zip(dys, ws)), **extra)
     if "us" not in row:
       continue
     timed("mgpu_dx_kernel_only", functools.partial(
-        mdx.fused_dx, group_size=GROUP, cfg=cfg, num_sms=num_sms),
+        dx_kernel(cfg), group_size=GROUP, cfg=cfg, num_sms=num_sms),
           [(dy, w.qvalue, mg.group_params(w.scale, w.zero_point))
            for dy, w in zip(dys, ws)], **extra)
     got = jax.jit(call)(dy0, fresh).astype(jnp.float32)

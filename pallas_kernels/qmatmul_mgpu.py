@@ -117,6 +117,8 @@ def group_params(scale: jax.Array, zero_point: jax.Array | None,
 # the low mantissa bits under this exponent is converted by bit operations.
 BF16_128 = 0x4300
 PLANE_FACTOR = (1, 8)  # plane 1's nibble lands 8x (bits 3-6 of the mantissa)
+# Each plane's nibble in both 16-bit lanes, after plane 1's shift by one.
+NIBBLE_MASKS = (0x000F000F, 0x00780078)
 
 
 def biased_codes(q: jax.Array, plane: int) -> jax.Array:
@@ -138,9 +140,9 @@ _SPREAD = "prmt.b32 t, {src}, 0, 0x4140;"
 _MASK = "lop3.b32 $0, t, {mask:#010x}, " + f"{BF16_128 * 0x10001:#010x}, 0xEA;"
 _PTX = (
     "{ .reg .b32 t; " + _SPREAD.format(src="$1") + " "
-    + _MASK.format(mask=0x000F000F) + " }",
+    + _MASK.format(mask=NIBBLE_MASKS[0]) + " }",
     "{ .reg .b32 t; shr.b32 t, $1, 1; " + _SPREAD.format(src="t") + " "
-    + _MASK.format(mask=0x00780078) + " }",
+    + _MASK.format(mask=NIBBLE_MASKS[1]) + " }",
 )
 
 

@@ -10,6 +10,7 @@ the float32 `pallas_kernels.reference` on a Hopper GPU.
 """
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import qmatmul as kq
 from pallas_kernels import qmatmul_mgpu as mg
 from pallas_kernels import qmatmul_mgpu_dx as mdx
+from pallas_kernels import qmatmul_mgpu_dxt as dxt
 from qft_jax._src import qarray as qa
 from qft_jax._src import qmatmul as qm
 
@@ -216,6 +218,26 @@ class TestMgpuGpu:
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
+  # The transposed input gradient: unswizzled code tiles, 128-row steps,
+  # 128-token tiles, several tiles per CTA (4096 x 2048).
+  @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
+      (1024, 1024, 2048, False, dxt.DxtConfig()),
+      (256, 512, 1024, True, dxt.DxtConfig()),
+      (1024, 768, 4352, False, dxt.DxtConfig(code_swizzle=0)),
+      (4096, 2048, 2048, False, dxt.DxtConfig(block_n=128, stages=2)),
+      (1024, 512, 1024, True, dxt.DxtConfig(tokens=128))])
+  def test_dxt_matches_reference(self, m, n, k, symmetric, cfg):
+    w = _weight(n + k + 2, n, k, symmetric=symmetric)
+    dy = jax.random.normal(jax.random.PRNGKey(n + 1), (m, n), jnp.bfloat16)
+    params = mg.group_params(qa.dense_scale(w), w.zero_point, dy.dtype)
+    got = jax.jit(functools.partial(
+        dxt.fused_dx, group_size=qa.resolve_group_size(w.group_size, k),
+        cfg=cfg))(dy, w.qvalue, params).astype(jnp.float32)
+    assert got.shape == (m, k)
+    ref = kq.reference_dx(dy, w)
+    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert err < 1e-2, err
+
   @pytest.mark.parametrize("plane", [0, 1])
   def test_ptx_conversion_is_bitwise_the_jnp_one(self, plane):
     """`dequantize_plane` inside a Mosaic GPU kernel (the PTX code
@@ -252,7 +274,9 @@ def test_benchmark_configs_fit_its_shapes():
     for cfg in bench.CONFIGS:
       mg.check_shapes(bench.M, n, k, bench.GROUP, cfg)
     for cfg in bench.DX_CONFIGS:
-      mdx.check_shapes(bench.M, n, k, bench.GROUP, cfg)
+      kernel = bench.dx_kernel(cfg)
+      sys.modules[kernel.__module__].check_shapes(bench.M, n, k, bench.GROUP,
+                                                  cfg)
 
 
 def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):

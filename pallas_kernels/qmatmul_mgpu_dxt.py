@@ -1,0 +1,290 @@
+r"""Training-shape input gradient on Hopper, weight as the register operand.
+
+    dx (M, K) = dy (M, N) @ deq(W) (N, K)
+
+computed transposed, `dx^T (K, M) = deq(W)^T (K, N) @ dy^T (N, M)`, so the
+dequantized weight is wgmma's register (A) operand and dy's TMA'd tile its
+shared-memory (B) operand read transposed: the forward's design
+(`qmatmul_mgpu`), whose shared-memory traffic per MAC is about two thirds
+of the design that stores the dequantized tile as B (`qmatmul_mgpu_dx`).
+
+Warpgroup p of a CTA computes plane p's 64 output columns `K/2 p + j0 + j`
+(j < 64) for `tokens` rows of dy; both share the step's code tile
+`(block_n, 64)` bytes and dy tile `(tokens, block_n)`.
+
+The A fragment is read without any exchange between threads by permuting
+the accumulator's rows: WGMMA's register layout gives thread (warp w, lane
+4 q + r) rows `16 w + q` and `16 w + q + 8` and column pairs `(n, n + 1)`;
+here row `16 w + 8 h + q` stands for byte column `j = 16 w + 2 q + h`, so
+one 16-bit shared load of row n (bytes `j`, `j + 1`) serves both of the
+thread's rows, and one `prmt` per register puts byte h of rows n and n + 1
+into the pair's 16-bit lanes, where the forward's `lop3` (and, for plane 1,
+`shr`) turn them into `128 + f q` (`biased_codes`). The group parameters
+vary along the contraction here (columns of A): `((128 + f q) - (128 + f
+z[n])) (s[n] / f)`, every weight bitwise `qa.dequantize`'s.
+
+The epilogue undoes the permutation in registers: the thread's two rows are
+the adjacent output columns `j, j + 1`, so a `prmt` pairs them per token
+and each 32-bit word is stored to the `(tokens, 64)` output tile at its
+swizzled address (conflict-free), which TMA copies to dx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith
+from jaxlib.mlir.dialects import llvm
+
+from pallas_kernels import qmatmul_mgpu as mg
+
+COLS = 64  # byte columns per CTA: each warpgroup's wgmma M (one plane)
+ROW_BYTES = COLS  # one code-tile row in shared memory
+OUT_ROW_BYTES = 2 * COLS  # one bf16 output-tile row
+
+
+@dataclasses.dataclass(frozen=True)
+class DxtConfig:
+  """tokens: dy rows per CTA (wgmma N, a multiple of 8, <= 256); block_n:
+  contraction rows per step; stages: steps in flight; grid_tile_width:
+  output tiles per stripe of the persistent walk; code_swizzle: the code
+  tile's shared-memory swizzle in bytes (64: conflict-free loads; 0:
+  none)."""
+  tokens: int = 256
+  block_n: int = 64
+  stages: int = 4
+  grid_tile_width: int = 4
+  code_swizzle: int = 64
+
+
+def check_shapes(m: int, n: int, k: int, group_size: int,
+                 cfg: DxtConfig) -> None:
+  """Raises ValueError naming the first shape rule (M, N, K, g) broken."""
+  half = k // 2
+  rules = (
+      (k % 2 == 0, f"K={k} must be even (two 4-bit planes)"),
+      (m % cfg.tokens == 0, f"M={m} must be a multiple of tokens="
+       f"{cfg.tokens}"),
+      (n % cfg.block_n == 0 and cfg.block_n % 16 == 0,
+       f"N={n} must be a multiple of block_n={cfg.block_n} (itself a "
+       "multiple of 16)"),
+      (group_size % COLS == 0, f"group size {group_size} must be a multiple "
+       f"of {COLS}"),
+      (half % group_size == 0,
+       f"K/2={half} must be a multiple of the group size {group_size}"),
+      (cfg.code_swizzle in (0, 32, 64),
+       f"code_swizzle={cfg.code_swizzle} must be 0, 32 or 64"),
+  )
+  mg.raise_first_broken(rules)
+
+
+def _code_transforms(swizzle: int):
+  if swizzle == 0:
+    return (plgpu.TilingTransform((8, COLS)),)
+  return (plgpu.TilingTransform((8, COLS)), plgpu.SwizzleTransform(swizzle))
+
+
+def _i32(value) -> ir.Value:
+  return mgpu_utils.c(value, ir.IntegerType.get_signless(32))
+
+
+def _swizzled(addr: ir.Value, swizzle: int) -> ir.Value:
+  """Hopper's shared-memory swizzle of byte offset `addr` (from a buffer
+  aligned to the swizzle's 8-row atom): the 16-byte chunk index XORed with
+  the row of the atom, `addr ^ (((addr >> 7) & (swizzle / 16 - 1)) << 4)`."""
+  if swizzle == 0:
+    return addr
+  chunk = arith.andi(arith.shrui(addr, _i32(7)), _i32(swizzle // 16 - 1))
+  return arith.xori(addr, arith.shli(chunk, _i32(4)))
+
+
+def _thread_coords():
+  """(warp in warpgroup, lane // 4, lane % 4, warpgroup) as i32 values."""
+  tid = mgpu_utils.thread_idx()
+  lane = arith.andi(tid, _i32(31))
+  warp = arith.andi(arith.shrui(tid, _i32(5)), _i32(3))
+  return (warp, arith.shrui(lane, _i32(2)), arith.andi(lane, _i32(3)),
+          arith.andi(arith.shrui(tid, _i32(7)), _i32(1)))
+
+
+def _load_u16(base, addr: ir.Value) -> ir.Value:
+  i8, i16, i32 = (ir.IntegerType.get_signless(b) for b in (8, 16, 32))
+  return arith.extui(i32, llvm.load(
+      i16, mgpu_utils.getelementptr(base, [addr], i8)))
+
+
+# Byte h of rows n ($1) and n + 1 ($2) into the low bytes of a pair's 16-bit
+# lanes (prmt; bytes 2 of $1 are zero), shifted right by the plane ($3: plane
+# 1's nibble lands in bits 3-6), masked and given bf16's exponent for 128
+# ((t & $4) | 0x43004300).
+_PAIR_PTX = ("{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel:#06x}; "
+             "shr.b32 t, t, $3; lop3.b32 $0, t, $4, 0x43004300, 0xEA; }}")
+_BYTE_SELECT = (0x2420, 0x2521)
+
+
+def transposed_biased_codes(q_ref, block_n: int, swizzle: int) -> jax.Array:
+  """`(64, block_n)` bf16 A operand of this warpgroup's plane p: row
+  `16 w + 8 h + q` (see the module docstring) and column n hold
+  `128 + f q_p[n, j]`, `j = 16 w + 2 q + h`, f = PLANE_FACTOR[p], from the
+  `(block_n, 64)` uint8 code tile `q_ref` in shared memory."""
+  layout = plgpu.Layout.WGMMA
+  regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, block_n))
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(_code_transforms(swizzle)),),
+      return_type=plgpu.ShapeDtypeStruct((COLS, block_n), jnp.bfloat16,
+                                         layout=layout))
+  def build(_, ref):
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    warp, q, r, plane = _thread_coords()
+    byte = arith.addi(arith.muli(warp, _i32(16)), arith.muli(q, _i32(2)))
+    mask = arith.addi(_i32(mg.NIBBLE_MASKS[0]), arith.muli(
+        plane, _i32(mg.NIBBLE_MASKS[1] - mg.NIBBLE_MASKS[0])))
+    base = mgpu_utils.memref_ptr(ref)
+    first_row = arith.muli(r, _i32(2))
+    regs = np.empty(regs_shape, dtype=object)
+    for cj in range(block_n // 8):
+      words = []
+      for u in (0, 1):
+        row = arith.addi(first_row, _i32(8 * cj + u))
+        addr = arith.addi(arith.muli(row, _i32(ROW_BYTES)), byte)
+        words.append(_load_u16(base, _swizzled(addr, swizzle)))
+      for h in (0, 1):
+        bits = llvm.inline_asm(
+            i32, [*words, plane, mask], _PAIR_PTX.format(sel=_BYTE_SELECT[h]),
+            "=r,r,r,r,r")
+        idx = [0] * len(regs_shape)
+        idx[1], idx[4] = cj, h
+        regs[tuple(idx)] = mgpu_utils.bitcast(bits, pair)
+    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
+                                _is_signed=None)
+
+  return build(q_ref)
+
+
+def store_untransposed(acc: jax.Array, out_ref, tokens: int) -> None:
+  """Stores the `(64, tokens)` bf16 accumulator of permuted rows (WGMMA
+  layout) as the `(tokens, 64)` tile `out_ref` (128-byte swizzle): the
+  thread's rows h = 0, 1 are output columns `j, j + 1` (`j = 16 w + 2 q`),
+  paired per token by one `prmt` into a 32-bit word."""
+  regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, tokens))
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,
+                 plgpu.RefType(mg.swizzled(jnp.bfloat16, COLS))))
+  def store(_, acc, ref):
+    i8, i32 = (ir.IntegerType.get_signless(b) for b in (8, 32))
+    warp, q, r, _ = _thread_coords()
+    col_bytes = arith.addi(arith.muli(warp, _i32(32)), arith.muli(q, _i32(4)))
+    base = mgpu_utils.memref_ptr(ref)
+    first_token = arith.muli(r, _i32(2))
+    for ct in range(tokens // 8):
+      idx = [0] * len(regs_shape)
+      idx[1] = ct
+      words = []
+      for h in (0, 1):
+        idx[4] = h
+        words.append(mgpu_utils.bitcast(acc.registers[tuple(idx)], i32))
+      for u, sel in ((0, 0x5410), (1, 0x7632)):
+        word = llvm.inline_asm(
+            i32, words, f"prmt.b32 $0, $1, $2, {sel:#06x};", "=r,r,r")
+        token = arith.addi(first_token, _i32(8 * ct + u))
+        addr = arith.addi(arith.muli(token, _i32(OUT_ROW_BYTES)), col_bytes)
+        llvm.store(word, mgpu_utils.getelementptr(
+            base, [_swizzled(addr, 128)], i8))
+    return ()
+
+  store(acc, out_ref)
+
+
+def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
+             group_size: int, cfg: DxtConfig = DxtConfig(),
+             num_sms: int = 132) -> jax.Array:
+  """`dx (M, K)` from dy `(M, N)` bf16, planar codes `(N, K/2)` uint8 and
+  `qmatmul_mgpu.group_params` `(G, 2, N)`."""
+  m, n = dy.shape
+  half = codes.shape[1]
+  k = 2 * half
+  mg.check_operands(codes, params, n, k, group_size)
+  check_shapes(m, n, k, group_size, cfg)
+  tokens, bn = cfg.tokens, cfg.block_n
+  steps = n // bn
+  m_iters, c_iters = m // tokens, half // COLS
+  half_groups = half // group_size
+  dtype = dy.dtype
+  param_spec = lambda: plgpu.BlockSpec((1, 2, bn), lambda s: (0, 0, s))
+  col_vec = plgpu.Layout.WGMMA.reduce(0)
+
+  def qmatmul_dxt_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
+    get_pipeline = mg.pipeline_maker([
+        plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
+                        transforms=mg.swizzled(dtype, bn)),
+        plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
+                        transforms=_code_transforms(cfg.code_swizzle)),
+        param_spec(), param_spec(),
+    ], steps, cfg.stages)
+
+    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem, p_gmem))
+    def _scope(allocs):
+      wg = lax.axis_index("wg")
+      hi = wg.astype(dtype)  # 1 for plane 1's warpgroup, exactly
+      factor = 1 + 7 * hi  # PLANE_FACTOR of this warpgroup's plane
+
+      @plgpu.nd_loop((m_iters * c_iters,), collective_axes="sm")
+      def _tiles(info):
+        (lin,) = info.index
+        c_idx, m_idx = plgpu.planar_snake(lin, (c_iters, m_iters), 1,
+                                          cfg.grid_tile_width)
+        cta_m = pl.ds(m_idx * tokens, tokens)
+        g_lo = (c_idx * COLS) // group_size
+
+        def compute_context(run_pipeline):
+          @functools.partial(
+              pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
+          def _acc(acc_ref):
+            run_pipeline(acc_ref)
+            acc = acc_ref[...].astype(dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            store_untransposed(acc, out_smem.at[wg], tokens)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[wg],
+                out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
+
+        def body(_, dy_smem, q_smem, plo_smem, phi_smem, acc_ref):
+          codes = transposed_biased_codes(q_smem, bn, cfg.code_swizzle)
+          params = [[mg.load_whole(p.at[0, i], col_vec) for i in (0, 1)]
+                    for p in (plo_smem, phi_smem)]
+          s, z = (params[0][i] * (1 - hi) + params[1][i] * hi
+                  for i in (0, 1))
+          full = lambda v: lax.broadcast_in_dim(v, (COLS, bn), (1,))
+          w_t = (codes - full(z * factor + 128)) * full(s / factor)
+          plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        get_pipeline(body, compute_context, mg.tile_state(info, steps,
+                                                          cfg.stages))(
+            dy_gmem.at[cta_m, :], q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
+            p_gmem.at[pl.ds(g_lo, 1)],
+            p_gmem.at[pl.ds(half_groups + g_lo, 1)],
+            allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return mg.launch(
+      qmatmul_dxt_mgpu, (m, k), dtype, num_sms,
+      out_smem=plgpu.SMEM((2, tokens, COLS), dtype,
+                          transforms=mg.swizzled(dtype, COLS)))(
+                              dy, codes, params)
