@@ -90,13 +90,16 @@ DX_CONFIGS = (
     dxt.DxtConfig(),
     dxt.DxtConfig(code_swizzle=0),
     dxt.DxtConfig(block_n=128, stages=2),
-    dxt.DxtConfig(tokens=128),
+    dxt.DxtConfig(block_n=128, stages=2, code_swizzle=0),
 )
 
 
 def dx_kernel(cfg):
-  """The fused input-gradient function of `cfg`'s kernel."""
-  return dxt.fused_dx if isinstance(cfg, dxt.DxtConfig) else mdx.fused_dx
+  """`cfg`'s kernel: (fused input-gradient function, the preparation of its
+  group parameters from `(N, G)` scales and zero points)."""
+  if isinstance(cfg, dxt.DxtConfig):
+    return dxt.fused_dx, dxt.transposed_params
+  return mdx.fused_dx, mg.group_params
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 
 
@@ -107,17 +110,16 @@ def _leaves(w):
 
 def lower_all() -> None:
   n, k = SHAPES[0]
-  for cfg in DX_CONFIGS:
-    f = jax.jit(functools.partial(dx_kernel(cfg), group_size=GROUP, cfg=cfg))
-    f.trace(jax.ShapeDtypeStruct((M, n), jnp.bfloat16),
-            jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-            jax.ShapeDtypeStruct((k // GROUP, 2, n), jnp.bfloat16)
-            ).lower(lowering_platforms=("cuda",))
-    print("lowered", cfg, flush=True)
   x = jax.ShapeDtypeStruct((M, k), jnp.bfloat16)
   q = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8)
   s = jax.ShapeDtypeStruct((n, k // GROUP), jnp.bfloat16)
   z = jax.ShapeDtypeStruct((n, k // GROUP), jnp.uint8)
+  for cfg in DX_CONFIGS:
+    fused, prepare = dx_kernel(cfg)
+    f = jax.jit(functools.partial(fused, group_size=GROUP, cfg=cfg))
+    f.trace(jax.ShapeDtypeStruct((M, n), jnp.bfloat16), q,
+            jax.eval_shape(prepare, s, z)).lower(lowering_platforms=("cuda",))
+    print("lowered", cfg, flush=True)
   for cfg in CONFIGS:
     f = jax.jit(functools.partial(mg.qmatmul_fwd, group_size=GROUP, cfg=cfg))
     f.trace(x, q, s, z).lower(lowering_platforms=("cuda",))
@@ -145,17 +147,18 @@ def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
                           jnp.bfloat16)
   ref = kq.reference_dx(dy0, fresh)
   for cfg in DX_CONFIGS:
-    call = lambda dy, w, cfg=cfg: dx_kernel(cfg)(
-        dy, w.qvalue, mg.group_params(w.scale, w.zero_point),
+    fused, prepare = dx_kernel(cfg)
+    call = lambda dy, w, fused=fused, prepare=prepare, cfg=cfg: fused(
+        dy, w.qvalue, prepare(w.scale, w.zero_point),
         group_size=GROUP, cfg=cfg, num_sms=num_sms)
-    extra = dict(shape, kernel=dx_kernel(cfg).__module__.split(".")[-1],
+    extra = dict(shape, kernel=fused.__module__.split(".")[-1],
                  config=dataclasses.asdict(cfg))
     row = timed("mgpu_dx", call, list(zip(dys, ws)), **extra)
     if "us" not in row:
       continue
     timed("mgpu_dx_kernel_only", functools.partial(
-        dx_kernel(cfg), group_size=GROUP, cfg=cfg, num_sms=num_sms),
-          [(dy, w.qvalue, mg.group_params(w.scale, w.zero_point))
+        fused, group_size=GROUP, cfg=cfg, num_sms=num_sms),
+          [(dy, w.qvalue, prepare(w.scale, w.zero_point))
            for dy, w in zip(dys, ws)], **extra)
     got = jax.jit(call)(dy0, fresh).astype(jnp.float32)
     err = jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)

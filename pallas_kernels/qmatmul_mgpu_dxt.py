@@ -132,26 +132,48 @@ _PAIR_PTX = ("{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel:#06x}; "
 _BYTE_SELECT = (0x2420, 0x2521)
 
 
-def transposed_biased_codes(q_ref, block_n: int, swizzle: int) -> jax.Array:
+def transposed_params(scale: jax.Array, zero_point: jax.Array | None,
+                      dtype=jnp.bfloat16) -> jax.Array:
+  """`(N, G)` scales and zero points -> `(2, G/2, 2 N)`: for plane p and
+  its group g, row pair m's four numbers at `4 m`,
+  `[zb[2m], zb[2m+1], sb[2m], sb[2m+1]]` with
+  `zb = 128 + f z`, `sb = s / f`, f = PLANE_FACTOR[p] (exact in `dtype`):
+  the four numbers a thread's column pair needs, one 8-byte load. Symmetric
+  codes (`zero_point` None) take the implicit zero point 8."""
+  n, g = scale.shape
+  z = jnp.full((n, g), 8, dtype) if zero_point is None else zero_point
+  f = jnp.repeat(jnp.asarray(mg.PLANE_FACTOR, dtype), g // 2)[:, None]
+  zb = z.astype(dtype).T * f + 128
+  sb = scale.astype(dtype).T * (1 / f)
+  pairs = lambda v: v.reshape(g, n // 2, 2)
+  return jnp.concatenate([pairs(zb), pairs(sb)], -1).reshape(
+      2, g // 2, 2 * n)
+
+
+def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
+                       ) -> jax.Array:
   """`(64, block_n)` bf16 A operand of this warpgroup's plane p: row
   `16 w + 8 h + q` (see the module docstring) and column n hold
-  `128 + f q_p[n, j]`, `j = 16 w + 2 q + h`, f = PLANE_FACTOR[p], from the
-  `(block_n, 64)` uint8 code tile `q_ref` in shared memory."""
+  `((128 + f q_p[n, j]) - zb[n]) sb[n]`, `j = 16 w + 2 q + h`, from the
+  `(block_n, 64)` uint8 code tile `q_ref` and the `(2, 1, 2 block_n)`
+  `transposed_params` block `p_ref`, both in shared memory."""
   layout = plgpu.Layout.WGMMA
   regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, block_n))
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(_code_transforms(swizzle)),),
+      arg_types=(plgpu.RefType(_code_transforms(swizzle)), plgpu.RefType()),
       return_type=plgpu.ShapeDtypeStruct((COLS, block_n), jnp.bfloat16,
                                          layout=layout))
-  def build(_, ref):
-    i32 = ir.IntegerType.get_signless(32)
+  def build(_, q_ref, p_ref):
+    i8, i32, i64 = (ir.IntegerType.get_signless(b) for b in (8, 32, 64))
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
     warp, q, r, plane = _thread_coords()
     byte = arith.addi(arith.muli(warp, _i32(16)), arith.muli(q, _i32(2)))
     mask = arith.addi(_i32(mg.NIBBLE_MASKS[0]), arith.muli(
         plane, _i32(mg.NIBBLE_MASKS[1] - mg.NIBBLE_MASKS[0])))
-    base = mgpu_utils.memref_ptr(ref)
+    codes, params = mgpu_utils.memref_ptr(q_ref), mgpu_utils.memref_ptr(p_ref)
+    param_base = arith.addi(arith.muli(plane, _i32(block_n * 4)),
+                            arith.muli(r, _i32(8)))
     first_row = arith.muli(r, _i32(2))
     regs = np.empty(regs_shape, dtype=object)
     for cj in range(block_n // 8):
@@ -159,18 +181,24 @@ def transposed_biased_codes(q_ref, block_n: int, swizzle: int) -> jax.Array:
       for u in (0, 1):
         row = arith.addi(first_row, _i32(8 * cj + u))
         addr = arith.addi(arith.muli(row, _i32(ROW_BYTES)), byte)
-        words.append(_load_u16(base, _swizzled(addr, swizzle)))
+        words.append(_load_u16(codes, _swizzled(addr, swizzle)))
+      both = llvm.load(i64, mgpu_utils.getelementptr(
+          params, [arith.addi(param_base, _i32(32 * cj))], i8))
+      zb = mgpu_utils.bitcast(arith.trunci(i32, both), pair)
+      sb = mgpu_utils.bitcast(
+          arith.trunci(i32, arith.shrui(both, mgpu_utils.c(32, i64))), pair)
       for h in (0, 1):
         bits = llvm.inline_asm(
             i32, [*words, plane, mask], _PAIR_PTX.format(sel=_BYTE_SELECT[h]),
             "=r,r,r,r,r")
         idx = [0] * len(regs_shape)
         idx[1], idx[4] = cj, h
-        regs[tuple(idx)] = mgpu_utils.bitcast(bits, pair)
+        regs[tuple(idx)] = arith.mulf(
+            arith.subf(mgpu_utils.bitcast(bits, pair), zb), sb)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
                                 _is_signed=None)
 
-  return build(q_ref)
+  return build(q_ref, p_ref)
 
 
 def store_untransposed(acc: jax.Array, out_ref, tokens: int) -> None:
@@ -212,19 +240,22 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
              group_size: int, cfg: DxtConfig = DxtConfig(),
              num_sms: int = 132) -> jax.Array:
   """`dx (M, K)` from dy `(M, N)` bf16, planar codes `(N, K/2)` uint8 and
-  `qmatmul_mgpu.group_params` `(G, 2, N)`."""
+  `transposed_params` `(2, G/2, 2 N)`."""
   m, n = dy.shape
   half = codes.shape[1]
   k = 2 * half
-  mg.check_operands(codes, params, n, k, group_size)
   check_shapes(m, n, k, group_size, cfg)
+  groups = k // group_size
+  if codes.shape != (n, half) or codes.dtype != jnp.uint8:
+    raise ValueError(f"codes must be uint8 ({n}, {half}), got "
+                     f"{codes.dtype} {codes.shape}")
+  if params.shape != (2, groups // 2, 2 * n):
+    raise ValueError(f"params must be {(2, groups // 2, 2 * n)}, got "
+                     f"{params.shape}")
   tokens, bn = cfg.tokens, cfg.block_n
   steps = n // bn
   m_iters, c_iters = m // tokens, half // COLS
-  half_groups = half // group_size
   dtype = dy.dtype
-  param_spec = lambda: plgpu.BlockSpec((1, 2, bn), lambda s: (0, 0, s))
-  col_vec = plgpu.Layout.WGMMA.reduce(0)
 
   def qmatmul_dxt_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
     get_pipeline = mg.pipeline_maker([
@@ -232,14 +263,12 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                         transforms=mg.swizzled(dtype, bn)),
         plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
                         transforms=_code_transforms(cfg.code_swizzle)),
-        param_spec(), param_spec(),
+        plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s)),
     ], steps, cfg.stages)
 
-    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem, p_gmem))
+    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem))
     def _scope(allocs):
       wg = lax.axis_index("wg")
-      hi = wg.astype(dtype)  # 1 for plane 1's warpgroup, exactly
-      factor = 1 + 7 * hi  # PLANE_FACTOR of this warpgroup's plane
 
       @plgpu.nd_loop((m_iters * c_iters,), collective_axes="sm")
       def _tiles(info):
@@ -262,14 +291,8 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                 out_smem.at[wg],
                 out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
 
-        def body(_, dy_smem, q_smem, plo_smem, phi_smem, acc_ref):
-          codes = transposed_biased_codes(q_smem, bn, cfg.code_swizzle)
-          params = [[mg.load_whole(p.at[0, i], col_vec) for i in (0, 1)]
-                    for p in (plo_smem, phi_smem)]
-          s, z = (params[0][i] * (1 - hi) + params[1][i] * hi
-                  for i in (0, 1))
-          full = lambda v: lax.broadcast_in_dim(v, (COLS, bn), (1,))
-          w_t = (codes - full(z * factor + 128)) * full(s / factor)
+        def body(_, dy_smem, q_smem, p_smem, acc_ref):
+          w_t = transposed_weights(q_smem, p_smem, bn, cfg.code_swizzle)
           plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
           plgpu.wgmma_wait(0)
           return acc_ref
@@ -277,9 +300,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
         get_pipeline(body, compute_context, mg.tile_state(info, steps,
                                                           cfg.stages))(
             dy_gmem.at[cta_m, :], q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
-            p_gmem.at[pl.ds(g_lo, 1)],
-            p_gmem.at[pl.ds(half_groups + g_lo, 1)],
-            allocations=allocs)
+            p_gmem.at[:, pl.ds(g_lo, 1)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -288,3 +309,13 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
       out_smem=plgpu.SMEM((2, tokens, COLS), dtype,
                           transforms=mg.swizzled(dtype, COLS)))(
                               dy, codes, params)
+
+
+def dx(dy2d: jax.Array, w, cfg: DxtConfig = DxtConfig()) -> jax.Array:
+  """`dy2d (M, N) @ dequantize(w) -> (M, K)` for a 4-bit uniform QArray on
+  Hopper (the shapes `check_shapes` accepts)."""
+  from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  params = transposed_params(qa.dense_scale(w), w.zero_point, dy2d.dtype)
+  return fused_dx(dy2d, w.qvalue, params,
+                  group_size=qa.resolve_group_size(w.group_size, w.shape[1]),
+                  cfg=cfg, num_sms=jax.devices()[0].core_count)

@@ -53,6 +53,28 @@ def test_kernel_dequantization_is_bitwise_qarrays(symmetric, block_kb):
                                     want[:, col:col + block_kb])
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_transposed_params_dequantize_bitwise(symmetric):
+  """The transposed kernel's weights from `transposed_params`, as its
+  registers compute them, `((128 + f q) - zb[n]) * sb[n]` in bf16, equal
+  qa.dequantize bit for bit (row pair m's numbers at 4 m: zb, zb, sb, sb)."""
+  n, k, g = 96, 512, 128
+  w = _weight(7 + symmetric, n, k, symmetric=symmetric)
+  p = dxt.transposed_params(qa.dense_scale(w), w.zero_point)
+  assert p.shape == (2, k // g // 2, 2 * n)
+  rows = jnp.arange(n)
+  pick = lambda v, off: v[..., 4 * (rows // 2) + rows % 2 + off]
+  zb, sb = pick(p, 0), pick(p, 2)  # (2, G/2, N)
+  want = qa.dequantize(w, jnp.bfloat16)
+  for plane in (0, 1):
+    codes = mg.biased_codes(w.qvalue, plane)  # (N, K/2)
+    group = (jnp.arange(k // 2) // g)
+    got = (codes - zb[plane][group].T) * sb[plane][group].T
+    cols = slice(plane * k // 2, (plane + 1) * k // 2)
+    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)),
+                                  np.asarray(want[:, cols].view(jnp.uint16)))
+
+
 @pytest.mark.parametrize("shape, message", [
     ((4096, 4096 + 64, 4096, 128), "N=4160 must be a multiple"),
     ((4000, 4096, 4096, 128), "M=4000 must be a multiple"),
@@ -229,10 +251,8 @@ class TestMgpuGpu:
   def test_dxt_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 2, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n + 1), (m, n), jnp.bfloat16)
-    params = mg.group_params(qa.dense_scale(w), w.zero_point, dy.dtype)
-    got = jax.jit(functools.partial(
-        dxt.fused_dx, group_size=qa.resolve_group_size(w.group_size, k),
-        cfg=cfg))(dy, w.qvalue, params).astype(jnp.float32)
+    got = jax.jit(functools.partial(dxt.dx, cfg=cfg))(dy, w).astype(
+        jnp.float32)
     assert got.shape == (m, k)
     ref = kq.reference_dx(dy, w)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
@@ -274,7 +294,7 @@ def test_benchmark_configs_fit_its_shapes():
     for cfg in bench.CONFIGS:
       mg.check_shapes(bench.M, n, k, bench.GROUP, cfg)
     for cfg in bench.DX_CONFIGS:
-      kernel = bench.dx_kernel(cfg)
+      kernel, _ = bench.dx_kernel(cfg)
       sys.modules[kernel.__module__].check_shapes(bench.M, n, k, bench.GROUP,
                                                   cfg)
 
