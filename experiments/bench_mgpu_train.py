@@ -86,11 +86,11 @@ CONFIGS = (
 # parameters read into registers a step early and carried (`carry_codes`),
 # with two buffers and in flight.
 DX_CONFIGS = (
-    mdx.DxConfig(),
     dxt.DxtConfig(),
-    dxt.DxtConfig(code_swizzle=0),
-    dxt.DxtConfig(block_n=128, stages=2),
-    dxt.DxtConfig(block_n=128, stages=2, code_swizzle=0),
+    dxt.DxtConfig(in_flight=True),
+    dxt.DxtConfig(grid_tile_width=8),
+    dxt.DxtConfig(grid_tile_width=2),
+    dxt.DxtConfig(stages=3),
 )
 
 

@@ -65,6 +65,7 @@ class DxtConfig:
   stages: int = 4
   grid_tile_width: int = 4
   code_swizzle: int = 64
+  in_flight: bool = False
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
@@ -142,12 +143,11 @@ def transposed_params(scale: jax.Array, zero_point: jax.Array | None,
   codes (`zero_point` None) take the implicit zero point 8."""
   n, g = scale.shape
   z = jnp.full((n, g), 8, dtype) if zero_point is None else zero_point
-  f = jnp.repeat(jnp.asarray(mg.PLANE_FACTOR, dtype), g // 2)[:, None]
-  zb = z.astype(dtype).T * f + 128
-  sb = scale.astype(dtype).T * (1 / f)
-  pairs = lambda v: v.reshape(g, n // 2, 2)
-  return jnp.concatenate([pairs(zb), pairs(sb)], -1).reshape(
-      2, g // 2, 2 * n)
+  f = jnp.repeat(jnp.asarray(mg.PLANE_FACTOR, dtype), g // 2)
+  pair = jnp.stack([z.astype(dtype) * f + 128, scale.astype(dtype) * (1 / f)])
+  # [which, 2 m + parity, g] -> [g, m, which, parity]: one transpose.
+  quad = pair.reshape(2, n // 2, 2, g).transpose(3, 1, 0, 2)
+  return quad.reshape(2, g // 2, 2 * n)
 
 
 def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
@@ -256,14 +256,15 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   steps = n // bn
   m_iters, c_iters = m // tokens, half // COLS
   dtype = dy.dtype
+  late = dict(delay_release=1) if cfg.in_flight else {}
 
   def qmatmul_dxt_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
     get_pipeline = mg.pipeline_maker([
         plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
-                        transforms=mg.swizzled(dtype, bn)),
+                        transforms=mg.swizzled(dtype, bn), **late),
         plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
-                        transforms=_code_transforms(cfg.code_swizzle)),
-        plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s)),
+                        transforms=_code_transforms(cfg.code_swizzle), **late),
+        plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s), **late),
     ], steps, cfg.stages)
 
     @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem))
@@ -283,6 +284,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
               pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
           def _acc(acc_ref):
             run_pipeline(acc_ref)
+            plgpu.wgmma_wait(0)
             acc = acc_ref[...].astype(dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             store_untransposed(acc, out_smem.at[wg], tokens)
@@ -294,11 +296,12 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
         def body(_, dy_smem, q_smem, p_smem, acc_ref):
           w_t = transposed_weights(q_smem, p_smem, bn, cfg.code_swizzle)
           plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(1 if cfg.in_flight else 0)
           return acc_ref
 
-        get_pipeline(body, compute_context, mg.tile_state(info, steps,
-                                                          cfg.stages))(
+        chained = None if cfg.in_flight else mg.tile_state(info, steps,
+                                                           cfg.stages)
+        get_pipeline(body, compute_context, chained)(
             dy_gmem.at[cta_m, :], q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
             p_gmem.at[:, pl.ds(g_lo, 1)], allocations=allocs)
 

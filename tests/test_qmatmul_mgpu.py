@@ -241,13 +241,14 @@ class TestMgpuGpu:
     assert err < 1e-2, err
 
   # The transposed input gradient: unswizzled code tiles, 128-row steps,
-  # 128-token tiles, several tiles per CTA (4096 x 2048).
+  # 128-token tiles, several tiles per CTA (4096 x 2048), wgmmas in flight.
   @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
       (1024, 1024, 2048, False, dxt.DxtConfig()),
       (256, 512, 1024, True, dxt.DxtConfig()),
       (1024, 768, 4352, False, dxt.DxtConfig(code_swizzle=0)),
       (4096, 2048, 2048, False, dxt.DxtConfig(block_n=128, stages=2)),
-      (1024, 512, 1024, True, dxt.DxtConfig(tokens=128))])
+      (1024, 512, 1024, True, dxt.DxtConfig(tokens=128)),
+      (4096, 2048, 2048, True, dxt.DxtConfig(in_flight=True))])
   def test_dxt_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 2, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n + 1), (m, n), jnp.bfloat16)
