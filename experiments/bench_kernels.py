@@ -354,7 +354,7 @@ def _row_kernel(op, m, n, k, bits) -> dict:
   Mosaic GPU kernels where their gates pass, else the Triton table's."""
   from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
   from pallas_kernels import qmatmul_mgpu  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import qmatmul_mgpu_dx  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import qmatmul_mgpu_dxt  # pylint: disable=g-import-not-at-top
   from pallas_kernels import tuning as tuning_lib  # pylint: disable=g-import-not-at-top
   _, jnp = _jax_setup()
   a, w, _ = _check_args(True, op=op, m=m, n=n, k=k, bits=bits)
@@ -363,7 +363,7 @@ def _row_kernel(op, m, n, k, bits) -> dict:
                 config=dataclasses.asdict(qmatmul_mgpu.MgpuConfig()))
   if op == "dx" and kq.can_use_mosaic_dx(a, w)[0]:
     return dict(kernel="mosaic_gpu",
-                config=dataclasses.asdict(qmatmul_mgpu_dx.DxConfig()))
+                config=dataclasses.asdict(qmatmul_mgpu_dxt.DxtConfig()))
   return dict(kernel="triton", config=dataclasses.asdict(tuning_lib.choose(
       op, m, n, k, 4 if bits == "nf4" else bits, codebook=bits == "nf4",
       dtype=jnp.bfloat16)))

@@ -65,7 +65,7 @@ class DxtConfig:
   stages: int = 4
   grid_tile_width: int = 4
   code_swizzle: int = 64
-  in_flight: bool = False
+  in_flight: bool = True
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
@@ -236,6 +236,21 @@ def store_untransposed(acc: jax.Array, out_ref, tokens: int) -> None:
   store(acc, out_ref)
 
 
+def keep_alive(a: jax.Array) -> None:
+  """Uses every register of the WGMMA-layout array `a` in an empty volatile
+  asm statement, so no value is given `a`'s registers before this point
+  (a wgmma still reading them as its A operand is retired first)."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,))
+  def use(_, a):
+    i32 = ir.IntegerType.get_signless(32)
+    regs = [mgpu_utils.bitcast(r, i32) for r in a.registers.flat]
+    mgpu_utils.inline_ptx("", *regs, has_side_effects=True)
+    return ()
+
+  use(a)
+
+
 def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
              group_size: int, cfg: DxtConfig = DxtConfig(),
              num_sms: int = 132) -> jax.Array:
@@ -283,7 +298,11 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
           @functools.partial(
               pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
           def _acc(acc_ref):
-            run_pipeline(acc_ref)
+            if cfg.in_flight:
+              run_pipeline((acc_ref, plgpu.layout_cast(
+                  jnp.zeros((COLS, bn), dtype), plgpu.Layout.WGMMA)))
+            else:
+              run_pipeline(acc_ref)
             plgpu.wgmma_wait(0)
             acc = acc_ref[...].astype(dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -293,11 +312,16 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                 out_smem.at[wg],
                 out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
 
-        def body(_, dy_smem, q_smem, p_smem, acc_ref):
+        def body(_, dy_smem, q_smem, p_smem, carry):
+          acc_ref, previous = carry if cfg.in_flight else (carry, None)
           w_t = transposed_weights(q_smem, p_smem, bn, cfg.code_swizzle)
           plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
-          plgpu.wgmma_wait(1 if cfg.in_flight else 0)
-          return acc_ref
+          if not cfg.in_flight:
+            plgpu.wgmma_wait(0)
+            return acc_ref
+          plgpu.wgmma_wait(1)  # retires step s - 1's wgmma, which read
+          keep_alive(previous)  # `previous`: its registers stay unused
+          return acc_ref, w_t
 
         chained = None if cfg.in_flight else mg.tile_state(info, steps,
                                                            cfg.stages)
@@ -314,10 +338,20 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                               dy, codes, params)
 
 
+def can_use(dy2d: jax.Array, w, cfg: DxtConfig = DxtConfig()
+            ) -> tuple[bool, str]:
+  """Whether `dx(dy2d, w)` can run, and if not, why: as
+  `qmatmul_mgpu.can_use`, with dy `(M, N)` and this kernel's shape rules."""
+  return mg.gate(dy2d, w, "dx", check_shapes, cfg)
+
+
 def dx(dy2d: jax.Array, w, cfg: DxtConfig = DxtConfig()) -> jax.Array:
-  """`dy2d (M, N) @ dequantize(w) -> (M, K)` for a 4-bit uniform QArray on
-  Hopper (the shapes `check_shapes` accepts)."""
+  """`dy2d (M, N) @ dequantize(w) -> (M, K)` for a QArray `can_use`
+  accepts (double-quantized scales are expanded first)."""
   from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
+  ok, reason = can_use(dy2d, w, cfg)
+  if not ok:
+    raise ValueError(f"qmatmul_mgpu_dxt.dx cannot run: {reason}")
   params = transposed_params(qa.dense_scale(w), w.zero_point, dy2d.dtype)
   return fused_dx(dy2d, w.qvalue, params,
                   group_size=qa.resolve_group_size(w.group_size, w.shape[1]),

@@ -277,6 +277,21 @@ class TestMgpuGpu:
         np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)),
         np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)))
 
+  def test_qdot_default_gradient_takes_both(self):
+    """jax.grad through qdot's default path at training sizes runs both
+    Mosaic kernels and matches the XLA path's input gradient."""
+    w = _weight(11, 512, 1024)
+    x = jax.random.normal(jax.random.PRNGKey(12), (4, 256, 1024),
+                          jnp.bfloat16)
+    dy = jnp.ones((1024, 512), jnp.bfloat16)
+    assert qm._use_pallas(dy, w, None, gate="can_use_dx")  # pylint: disable=protected-access
+    loss = lambda x, impl: jnp.sum(qm.qdot(x, w, implementation=impl)
+                                   .astype(jnp.float32) ** 2)
+    got = jax.jit(jax.grad(lambda x: loss(x, None)))(x).astype(jnp.float32)
+    want = jax.grad(lambda x: loss(x, "xla"))(x).astype(jnp.float32)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert err < 1e-2, err
+
   def test_qdot_default_takes_it(self):
     w = _weight(5, 512, 1024)
     x = jax.random.normal(jax.random.PRNGKey(6), (4, 256, 1024),
@@ -304,13 +319,15 @@ def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):
   """With the gate passing (patched: CI has no Hopper), qdot's default
   forward at training sizes takes the Mosaic kernel, but not under a
   multi-device mesh (XLA would replicate the custom call's operands), and
-  never for the input gradient."""
+  nor for the input gradient unless its own gate passes."""
   from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
   w = _weight(9, 256, 1024)
   x = jnp.ones((1024, 1024), jnp.bfloat16)
   monkeypatch.setattr(kq, "can_use_mosaic", lambda *_: (True, "ok"))
   assert qm._use_pallas(x, w, None)  # pylint: disable=protected-access
   assert not qm._use_pallas(x[:, :256], w, None, gate="can_use_dx")  # pylint: disable=protected-access
+  monkeypatch.setattr(kq, "can_use_mosaic_dx", lambda *_: (True, "ok"))
+  assert qm._use_pallas(x[:, :256], w, None, gate="can_use_dx")  # pylint: disable=protected-access
   assert not qm._use_pallas(x, w, "xla")  # pylint: disable=protected-access
   monkeypatch.setattr(sharding, "compute_mesh_size", lambda: 2)
   assert not qm._use_pallas(x, w, None)  # pylint: disable=protected-access

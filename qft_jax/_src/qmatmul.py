@@ -64,9 +64,10 @@ class WeightWithProbe:
 # With `implementation=None` the Pallas kernels are used only where they were
 # measured faster than XLA's dequantize-then-matmul on the H100: decode-sized
 # M (experiments/results/kernels_h100_2026-11-27.json), and the forward at
-# training shapes where the Mosaic GPU kernel applies (4-bit uniform codes on
-# Hopper, `kernels.can_use_mosaic`; mgpu_train_h100_2026-11-28.json). Else,
-# at M > AUTO_PALLAS_MAX_M and for the 3-bit input gradient, XLA wins today.
+# training shapes where the Mosaic GPU kernels apply (4-bit uniform codes on
+# Hopper, `kernels.can_use_mosaic` / `can_use_mosaic_dx`;
+# mgpu_train_h100_2026-11-28.json, mgpu_train_dx_h200_2026-11-28_s13.json).
+# Else, at M > AUTO_PALLAS_MAX_M and for the 3-bit input gradient, XLA wins.
 AUTO_PALLAS_MAX_M = 16
 
 
@@ -84,8 +85,9 @@ def _use_pallas(x2d: jax.Array, w: qa.QArray, implementation,
   if implementation is None and x2d.shape[0] > AUTO_PALLAS_MAX_M:
     # Under a device mesh XLA would replicate a custom call's operands
     # (activations included); the XLA path shards.
-    return (gate == "can_use" and sharding.compute_mesh_size() == 1
-            and kernels.can_use_mosaic(x2d, w)[0])
+    mosaic = (kernels.can_use_mosaic if gate == "can_use"
+              else kernels.can_use_mosaic_dx)
+    return sharding.compute_mesh_size() == 1 and mosaic(x2d, w)[0]
   if implementation is None and gate == "can_use_dx" and w.bits == 3:
     return False
   ok, reason = getattr(kernels, gate)(
