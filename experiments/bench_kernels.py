@@ -180,14 +180,22 @@ class Timer:
     return statistics.median(times) / per_call
 
 
+def gpu_tag(device_kind: str) -> str:
+  """'h100' / 'h200' / 'a100' for those GPUs' device kinds, else the kind
+  with non-alphanumerics as '_' (the results files' GPU field)."""
+  return next((t.lower() for t in ("H100", "H200", "A100") if t in device_kind),
+              "".join(c if c.isalnum() else "_" for c in device_kind))
+
+
 def write_rows(out_dir: str, stem: str, timer, rows: list, what: str):
   """Writes `rows` with the run's GPU, jax, commit and date to
-  `out_dir/<stem>_h100_<date>.json` (the probe scripts' format)."""
+  `out_dir/<stem>_<gpu>_<date>.json` (the probe scripts' format)."""
   jax, _ = _jax_setup()
   date = datetime.date.today().isoformat()
-  path = pathlib.Path(out_dir) / f"{stem}_h100_{date}.json"
+  kind = jax.devices()[0].device_kind
+  path = pathlib.Path(out_dir) / f"{stem}_{gpu_tag(kind)}_{date}.json"
   path.write_text(json.dumps(dict(
-      gpu=jax.devices()[0].device_kind, jax=jax.__version__,
+      gpu=kind, jax=jax.__version__,
       commit=os.environ.get("COMMIT", "unknown"), date=date,
       timing=timer.method, what=what, rows=rows), indent=1))
   print("wrote", path, time.strftime("%X"))
@@ -354,7 +362,7 @@ def _row_kernel(op, m, n, k, bits) -> dict:
   Mosaic GPU kernels where their gates pass, else the Triton table's."""
   from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
   from pallas_kernels import qmatmul_mgpu  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import qmatmul_mgpu_dxt  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import qmatmul_mgpu_dx  # pylint: disable=g-import-not-at-top
   from pallas_kernels import tuning as tuning_lib  # pylint: disable=g-import-not-at-top
   _, jnp = _jax_setup()
   a, w, _ = _check_args(True, op=op, m=m, n=n, k=k, bits=bits)
@@ -363,7 +371,7 @@ def _row_kernel(op, m, n, k, bits) -> dict:
                 config=dataclasses.asdict(qmatmul_mgpu.MgpuConfig()))
   if op == "dx" and kq.can_use_mosaic_dx(a, w)[0]:
     return dict(kernel="mosaic_gpu",
-                config=dataclasses.asdict(qmatmul_mgpu_dxt.DxtConfig()))
+                config=dataclasses.asdict(qmatmul_mgpu_dx.DxConfig()))
   return dict(kernel="triton", config=dataclasses.asdict(tuning_lib.choose(
       op, m, n, k, 4 if bits == "nf4" else bits, codebook=bits == "nf4",
       dtype=jnp.bfloat16)))
@@ -745,9 +753,8 @@ def main():
                                "8-bit, blocks of 256, float32 second level"))),
                 peer={k: v for k, v in peer.items() if k != "rows"},
                 rows=[])
-  gpu_tag = next((t.lower() for t in ("H100", "H200", "A100") if t in gpu),
-                 "".join(c if c.isalnum() else "_" for c in gpu))
-  path = os.path.join(args.out, f"kernels_{gpu_tag}_{result['date']}.json")
+  path = os.path.join(args.out,
+                      f"kernels_{gpu_tag(gpu)}_{result['date']}.json")
 
   def dump():
     with open(path, "w") as f:

@@ -33,7 +33,6 @@ sys.path.insert(0, str(REPO))
 
 from pallas_kernels import qmatmul_mgpu as mg  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import qmatmul_mgpu_dx as mdx  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pallas_kernels import qmatmul_mgpu_dxt as dxt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 M = 4096
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -82,21 +81,27 @@ CONFIGS = (
 # 632.2 / 648.4 (mgpu_train_both_h100_2026-11-28_s12b.json, commit dfeef38),
 # in flight 253.2 / 652.8 / 663.1. Its profile (H100, commit 93a13a2) has
 # the dequantization waiting on its 20 16-bit shared loads per warp and
-# step. Queued (lowered on the CPU, not yet timed): the code tile and its
-# parameters read into registers a step early and carried (`carry_codes`),
-# with two buffers and in flight.
+# step. Session 13 (H200, XLA bf16 about 185 / 480 / 518 us): that design
+# (tiles stored as wgmma's B operand) 245-246 / 630-637 / 656-658, its code
+# tile carried in registers a step early slower still, 257.0 / 659.7 /
+# 688.8 (mgpu_train_dx_h200_2026-11-28_s13a.json, commit e31db35). Replaced
+# by the transposed design with the accumulator's rows permuted (no
+# exchange between threads; qmatmul_mgpu_dx's docstring): 284.1 / 720.8 /
+# 714.2 with the group parameters loaded as Mosaic column vectors (_s13b,
+# ce78d61), 206.4 / 523.8 / 552.2 with them prepared as one 8-byte load
+# per column pair (_s13c, b919192; unswizzled code tiles 213.4 / 543.9 /
+# 567.7, 128-row steps 221.1 / 543.8 / 581.5), 199.2 / 513.1 / 543.5 with
+# that preparation one transpose (_s13d, 30ca035; grid_tile_width 2 / 8,
+# 3 stages within 1 %). Each wgmma kept in flight into the next step
+# (delay_release=1, unchained tiles) gave NaNs (_s13d, _s13 at 29a5061):
+# not kept. The default at 29a5061: 199.7 / 516.1 / 543.2 against XLA
+# bf16 183.8 / 478.0 / 519.2, 0.92 / 0.93 / 0.96x (_s13).
 DX_CONFIGS = (
-    dxt.DxtConfig(),
-    dxt.DxtConfig(in_flight=False),
+    mdx.DxConfig(),
+    mdx.DxConfig(grid_tile_width=2),
 )
 
 
-def dx_kernel(cfg):
-  """`cfg`'s kernel: (fused input-gradient function, the preparation of its
-  group parameters from `(N, G)` scales and zero points)."""
-  if isinstance(cfg, dxt.DxtConfig):
-    return dxt.fused_dx, dxt.transposed_params
-  return mdx.fused_dx, mg.group_params
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)
 
 
@@ -112,10 +117,10 @@ def lower_all() -> None:
   s = jax.ShapeDtypeStruct((n, k // GROUP), jnp.bfloat16)
   z = jax.ShapeDtypeStruct((n, k // GROUP), jnp.uint8)
   for cfg in DX_CONFIGS:
-    fused, prepare = dx_kernel(cfg)
-    f = jax.jit(functools.partial(fused, group_size=GROUP, cfg=cfg))
+    f = jax.jit(functools.partial(mdx.fused_dx, group_size=GROUP, cfg=cfg))
     f.trace(jax.ShapeDtypeStruct((M, n), jnp.bfloat16), q,
-            jax.eval_shape(prepare, s, z)).lower(lowering_platforms=("cuda",))
+            jax.eval_shape(mdx.transposed_params, s, z)
+            ).lower(lowering_platforms=("cuda",))
     print("lowered", cfg, flush=True)
   for cfg in CONFIGS:
     f = jax.jit(functools.partial(mg.qmatmul_fwd, group_size=GROUP, cfg=cfg))
@@ -144,18 +149,16 @@ def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
                           jnp.bfloat16)
   ref = kq.reference_dx(dy0, fresh)
   for cfg in DX_CONFIGS:
-    fused, prepare = dx_kernel(cfg)
-    call = lambda dy, w, fused=fused, prepare=prepare, cfg=cfg: fused(
-        dy, w.qvalue, prepare(w.scale, w.zero_point),
+    call = lambda dy, w, cfg=cfg: mdx.fused_dx(
+        dy, w.qvalue, mdx.transposed_params(w.scale, w.zero_point),
         group_size=GROUP, cfg=cfg, num_sms=num_sms)
-    extra = dict(shape, kernel=fused.__module__.split(".")[-1],
-                 config=dataclasses.asdict(cfg))
+    extra = dict(shape, config=dataclasses.asdict(cfg))
     row = timed("mgpu_dx", call, list(zip(dys, ws)), **extra)
     if "us" not in row:
       continue
     timed("mgpu_dx_kernel_only", functools.partial(
-        fused, group_size=GROUP, cfg=cfg, num_sms=num_sms),
-          [(dy, w.qvalue, prepare(w.scale, w.zero_point))
+        mdx.fused_dx, group_size=GROUP, cfg=cfg, num_sms=num_sms),
+          [(dy, w.qvalue, mdx.transposed_params(w.scale, w.zero_point))
            for dy, w in zip(dys, ws)], **extra)
     got = jax.jit(call)(dy0, fresh).astype(jnp.float32)
     err = jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from pallas_kernels import qmatmul_dx
 from pallas_kernels import qmatmul_fwd
 from pallas_kernels import qmatmul_mgpu
-from pallas_kernels import qmatmul_mgpu_dxt
+from pallas_kernels import qmatmul_mgpu_dx
 from pallas_kernels import tiles
 from pallas_kernels import tuning as tuning_lib
 from pallas_kernels.reference import reference, reference_dx
@@ -120,8 +120,8 @@ def can_use_mosaic(x2d, w) -> tuple[bool, str]:
 
 
 def can_use_mosaic_dx(dy2d, w) -> tuple[bool, str]:
-  """Whether `dx` takes the Mosaic GPU kernel (`qmatmul_mgpu_dxt.can_use`)."""
-  return qmatmul_mgpu_dxt.can_use(dy2d, w)
+  """Whether `dx` takes the Mosaic GPU kernel (`qmatmul_mgpu_dx.can_use`)."""
+  return qmatmul_mgpu_dx.can_use(dy2d, w)
 
 
 def fwd(x2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
@@ -164,6 +164,6 @@ def dx(dy2d: jax.Array, w: qa.QArray, *, interpret: bool = False,
   if not ok:
     raise ValueError(f"qmatmul.dx cannot run: {reason}")
   if tuning is None and not interpret and can_use_mosaic_dx(dy2d, w)[0]:
-    return qmatmul_mgpu_dxt.dx(dy2d, w)
+    return qmatmul_mgpu_dx.dx(dy2d, w)
   return qmatmul_dx.dx(dy2d, w, interpret=interpret, tuning=tuning,
                        out_init=out_init)

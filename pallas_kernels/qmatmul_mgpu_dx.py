@@ -2,45 +2,40 @@ r"""Training-shape input gradient on Hopper through Mosaic GPU (4-bit).
 
     dx (M, K) = dy (M, N) @ deq(W) (N, K)
 
-The dequantized weight must be wgmma's shared-memory (B) operand here (its
-rows are the contraction), so the compute warpgroups dequantize each step's
-code tile in registers (`qmatmul_mgpu.dequantize_plane`, the forward's
-exact per-weight rounding) and store it as `[lo | hi]` `(block_n,
-2 * block_kb)` bf16 into a shared buffer that both read as B, each against
-its own `tokens` rows of dy's TMA'd tile as A. The warpgroups split that
-work by plane (warpgroup 0 the low nibbles, 1 the high ones), so each
-weight is dequantized once per `2 * tokens` rows of dy, and they run one
-step ahead of the MMAs: step s waits until tile s is whole (a barrier per
-buffer, one arrival per warpgroup), issues its wgmma on it, and
-dequantizes its half of tile s + 1 while that wgmma runs:
+computed transposed, `dx^T (K, M) = deq(W)^T (K, N) @ dy^T (N, M)`, so the
+dequantized weight is wgmma's register (A) operand and dy's TMA'd tile its
+shared-memory (B) operand read transposed: the forward's design
+(`qmatmul_mgpu`). The design it replaced stored each dequantized tile to
+shared memory as wgmma's B operand and read dy as A, about 150 KB of shared
+-memory traffic per 1024 tensor-core cycles against 128 bytes a cycle; this
+one moves about two thirds of that (WORKSPACE.md section 4, session 13).
+Warpgroup p of a CTA computes plane p's 64 output columns `K/2 p + j0 + j`
+(j < 64) for `tokens` rows of dy; both share the step's code tile
+`(block_n, 64)` bytes and dy tile `(tokens, block_n)`.
 
-    wait ready[s];  wgmma(acc, dy_s, w[s]);  w[s + 1] <- deq(q_{s+1});
-    arrive ready[s + 1];  wgmma_wait
+The A fragment is read without any exchange between threads by permuting
+the accumulator's rows: WGMMA's register layout gives thread (warp w, lane
+4 q + r) rows `16 w + q` and `16 w + q + 8` and column pairs `(n, n + 1)`;
+here row `16 w + 8 h + q` stands for byte column `j = 16 w + 2 q + h`, so
+one 16-bit shared load of row n (bytes `j`, `j + 1`) serves both of the
+thread's rows, and one `prmt` per register puts byte h of rows n and n + 1
+into the pair's 16-bit lanes, where the forward's `lop3` (and, for plane 1,
+`shr`) turn them into `128 + f q` (`biased_codes`). The group parameters
+vary along the contraction here (columns of A): `((128 + f q) - (128 + f
+z[n])) (s[n] / f)`, every weight bitwise `qa.dequantize`'s.
 
-(tile 0 is made before step 0 from code rows each warpgroup loads itself).
-With two buffers (`w_buffers`) a warpgroup arrives only after its wgmma is
-done, which also frees the other buffer; so both warpgroups' wgmmas finish
-before either issues the next, and the tensor core drains at every step.
-With three, each wgmma stays in flight into the next step:
+The epilogue undoes the permutation in registers: the thread's two rows are
+the adjacent output columns `j, j + 1`, so a `prmt` pairs them per token
+and each 32-bit word is stored to the `(tokens, 64)` output tile at its
+swizzled address (conflict-free), which TMA copies to dx.
 
-    wait ready[s];  wgmma(acc, dy_s, w[s]);  wgmma_wait(1);
-    w[s + 1] <- deq(q_{s+1});  arrive ready[s + 1]
-
-`wgmma_wait(1)` retires this warpgroup's wgmma of step s - 1, and the other
-warpgroup arrived at `ready[s]` (awaited above) after retiring its own, so
-`w[s + 1] = w[s - 2]` has no reader left; the pipeline releases each
-input slot one step late (`delay_release=1`) for the same reason.
-
-A CTA covers `2 * tokens` rows of dy and `block_kb` byte columns (its
-output columns are those of both planes, `block_kb` each); the pipeline
-walks the contraction N in `block_n` rows. A CTA's columns lie in one
-group (`block_kb` divides the group size), so each step needs one
-`(block_n,)` vector of s, z per plane.
-
-`qmatmul.dx` takes this kernel where `can_use` passes (as `qmatmul.fwd`
-takes `qmatmul_mgpu`'s); qdot's default input gradient at training shapes
-stays XLA's dequantize-then-matmul unless this kernel is measured faster
-(`experiments/bench_mgpu_train.py --op dx`).
+Everything else is the forward's: a persistent grid, a memory warpgroup
+running a `stages`-deep TMA pipeline over N in `block_n` rows, chained
+across a CTA's tiles (`qmatmul_mgpu.tile_state`). Each thread's column
+pair needs four numbers per step, `128 + f z` and `s / f` at n and n + 1;
+`transposed_params` lays them out (one XLA transpose) so that they are one
+8-byte shared load. `qmatmul.dx` takes this kernel where `can_use` passes,
+and so does qdot's default input gradient at training shapes.
 """
 
 from __future__ import annotations
@@ -51,222 +46,277 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith
+from jaxlib.mlir.dialects import llvm
 
 from pallas_kernels import qmatmul_mgpu as mg
 
-EPI_TOKENS = 64  # dx rows per epilogue store (a smaller buffer: more stages)
+COLS = 64  # byte columns per CTA: each warpgroup's wgmma M (one plane)
+ROW_BYTES = COLS  # one code-tile row in shared memory
+OUT_ROW_BYTES = 2 * COLS  # one bf16 output-tile row
 
 
 @dataclasses.dataclass(frozen=True)
 class DxConfig:
-  """The defaults won experiments/bench_mgpu_train.py's session-11 and -12
-  runs at all three training shapes (mgpu_train_dx_h100_2026-11-28_s11.json,
-  mgpu_train_both_h100_2026-11-28_s12b.json).
-
-  tokens: dy rows per compute warpgroup (wgmma M; a CTA covers two);
-  block_kb: byte columns per CTA (its output columns are 2 * block_kb,
-  wgmma N); block_n: contraction rows per step; stages: steps in flight;
-  w_buffers: dequantized tiles in shared memory: 2 (each step's wgmma
-    retired within the step) or 3 (kept in flight into the next step);
-  carry_codes: read each code tile (and its group parameters) into
-    registers one step before it is dequantized, carried across the step,
-    so the shared-memory loads' latency hides under a step's work (queued
-    for a probe: the session-12 profile found the dequantization waiting on
-    them)."""
-  tokens: int = 128
-  block_kb: int = 64
+  """tokens: dy rows per CTA (wgmma N, a multiple of 8, <= 256); block_n:
+  contraction rows per step; stages: steps in flight; grid_tile_width:
+  output tiles per stripe of the persistent walk; code_swizzle: the code
+  tile's shared-memory swizzle in bytes (64: conflict-free loads; 0:
+  none)."""
+  tokens: int = 256
   block_n: int = 64
   stages: int = 4
   grid_tile_width: int = 4
-  w_buffers: int = 2
-  carry_codes: bool = False
+  code_swizzle: int = 64
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
                  cfg: DxConfig) -> None:
   """Raises ValueError naming the first shape rule (M, N, K, g) broken."""
-  half, kb = k // 2, cfg.block_kb
+  half = k // 2
   rules = (
       (k % 2 == 0, f"K={k} must be even (two 4-bit planes)"),
-      (cfg.tokens % EPI_TOKENS == 0,
-       f"tokens={cfg.tokens} must be a multiple of {EPI_TOKENS}"),
-      (m % (2 * cfg.tokens) == 0,
-       f"M={m} must be a multiple of 2 * tokens = {2 * cfg.tokens}"),
-      (n % cfg.block_n == 0, f"N={n} must be a multiple of block_n="
-       f"{cfg.block_n}"),
-      (group_size % kb == 0, f"group size {group_size} must be a multiple "
-       f"of block_kb = {kb}"),
+      (m % cfg.tokens == 0, f"M={m} must be a multiple of tokens="
+       f"{cfg.tokens}"),
+      (n % cfg.block_n == 0 and cfg.block_n % 16 == 0,
+       f"N={n} must be a multiple of block_n={cfg.block_n} (itself a "
+       "multiple of 16)"),
+      (group_size % COLS == 0, f"group size {group_size} must be a multiple "
+       f"of {COLS}"),
       (half % group_size == 0,
        f"K/2={half} must be a multiple of the group size {group_size}"),
-      (cfg.w_buffers in (2, 3), f"w_buffers={cfg.w_buffers} must be 2 or 3"),
-      (not cfg.carry_codes or n >= 2 * cfg.block_n,
-       f"N={n} must be at least 2 * block_n={2 * cfg.block_n} with "
-       "carry_codes (two tiles before the pipeline)"),
+      (cfg.code_swizzle in (0, 64),
+       f"code_swizzle={cfg.code_swizzle} must be 0 or 64"),
   )
   mg.raise_first_broken(rules)
+
+
+def _code_transforms(swizzle: int):
+  if swizzle == 0:
+    return (plgpu.TilingTransform((8, COLS)),)
+  return (plgpu.TilingTransform((8, COLS)), plgpu.SwizzleTransform(swizzle))
+
+
+def _i32(value) -> ir.Value:
+  return mgpu_utils.c(value, ir.IntegerType.get_signless(32))
+
+
+def _swizzled(addr: ir.Value, swizzle: int) -> ir.Value:
+  """Hopper's shared-memory swizzle of byte offset `addr` (from a buffer
+  aligned to the swizzle's 8-row atom): the 16-byte chunk index XORed with
+  the row of the atom, `addr ^ (((addr >> 7) & (swizzle / 16 - 1)) << 4)`."""
+  if swizzle == 0:
+    return addr
+  chunk = arith.andi(arith.shrui(addr, _i32(7)), _i32(swizzle // 16 - 1))
+  return arith.xori(addr, arith.shli(chunk, _i32(4)))
+
+
+def _thread_coords():
+  """(warp in warpgroup, lane // 4, lane % 4, warpgroup) as i32 values."""
+  tid = mgpu_utils.thread_idx()
+  lane = arith.andi(tid, _i32(31))
+  warp = arith.andi(arith.shrui(tid, _i32(5)), _i32(3))
+  return (warp, arith.shrui(lane, _i32(2)), arith.andi(lane, _i32(3)),
+          arith.andi(arith.shrui(tid, _i32(7)), _i32(1)))
+
+
+def _load_u16(base, addr: ir.Value) -> ir.Value:
+  i8, i16, i32 = (ir.IntegerType.get_signless(b) for b in (8, 16, 32))
+  return arith.extui(i32, llvm.load(
+      i16, mgpu_utils.getelementptr(base, [addr], i8)))
+
+
+# Byte h of rows n ($1) and n + 1 ($2) into the low bytes of a pair's 16-bit
+# lanes (prmt; bytes 2 of $1 are zero), shifted right by the plane ($3: plane
+# 1's nibble lands in bits 3-6), masked and given bf16's exponent for 128
+# ((t & $4) | 0x43004300).
+_PAIR_PTX = ("{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel:#06x}; "
+             "shr.b32 t, t, $3; lop3.b32 $0, t, $4, 0x43004300, 0xEA; }}")
+_BYTE_SELECT = (0x2420, 0x2521)
+
+
+def transposed_params(scale: jax.Array, zero_point: jax.Array | None,
+                      dtype=jnp.bfloat16) -> jax.Array:
+  """`(N, G)` scales and zero points -> `(2, G/2, 2 N)`: for plane p and
+  its group g, row pair m's four numbers at `4 m`,
+  `[zb[2m], zb[2m+1], sb[2m], sb[2m+1]]` with
+  `zb = 128 + f z`, `sb = s / f`, f = PLANE_FACTOR[p] (exact in `dtype`):
+  the four numbers a thread's column pair needs, one 8-byte load. Symmetric
+  codes (`zero_point` None) take the implicit zero point 8."""
+  n, g = scale.shape
+  z = jnp.full((n, g), 8, dtype) if zero_point is None else zero_point
+  f = jnp.repeat(jnp.asarray(mg.PLANE_FACTOR, dtype), g // 2)
+  pair = jnp.stack([z.astype(dtype) * f + 128, scale.astype(dtype) * (1 / f)])
+  # [which, 2 m + parity, g] -> [g, m, which, parity]: one transpose.
+  quad = pair.reshape(2, n // 2, 2, g).transpose(3, 1, 0, 2)
+  return quad.reshape(2, g // 2, 2 * n)
+
+
+def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
+                       ) -> jax.Array:
+  """`(64, block_n)` bf16 A operand of this warpgroup's plane p: row
+  `16 w + 8 h + q` (see the module docstring) and column n hold
+  `((128 + f q_p[n, j]) - zb[n]) sb[n]`, `j = 16 w + 2 q + h`, from the
+  `(block_n, 64)` uint8 code tile `q_ref` and the `(2, 1, 2 block_n)`
+  `transposed_params` block `p_ref`, both in shared memory."""
+  layout = plgpu.Layout.WGMMA
+  regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, block_n))
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(_code_transforms(swizzle)), plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((COLS, block_n), jnp.bfloat16,
+                                         layout=layout))
+  def build(_, q_ref, p_ref):
+    i8, i32, i64 = (ir.IntegerType.get_signless(b) for b in (8, 32, 64))
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    warp, q, r, plane = _thread_coords()
+    byte = arith.addi(arith.muli(warp, _i32(16)), arith.muli(q, _i32(2)))
+    mask = arith.addi(_i32(mg.NIBBLE_MASKS[0]), arith.muli(
+        plane, _i32(mg.NIBBLE_MASKS[1] - mg.NIBBLE_MASKS[0])))
+    codes, params = mgpu_utils.memref_ptr(q_ref), mgpu_utils.memref_ptr(p_ref)
+    param_base = arith.addi(arith.muli(plane, _i32(block_n * 4)),
+                            arith.muli(r, _i32(8)))
+    first_row = arith.muli(r, _i32(2))
+    regs = np.empty(regs_shape, dtype=object)
+    for cj in range(block_n // 8):
+      words = []
+      for u in (0, 1):
+        row = arith.addi(first_row, _i32(8 * cj + u))
+        addr = arith.addi(arith.muli(row, _i32(ROW_BYTES)), byte)
+        words.append(_load_u16(codes, _swizzled(addr, swizzle)))
+      both = llvm.load(i64, mgpu_utils.getelementptr(
+          params, [arith.addi(param_base, _i32(32 * cj))], i8))
+      zb = mgpu_utils.bitcast(arith.trunci(i32, both), pair)
+      sb = mgpu_utils.bitcast(
+          arith.trunci(i32, arith.shrui(both, mgpu_utils.c(32, i64))), pair)
+      for h in (0, 1):
+        bits = llvm.inline_asm(
+            i32, [*words, plane, mask], _PAIR_PTX.format(sel=_BYTE_SELECT[h]),
+            "=r,r,r,r,r")
+        idx = [0] * len(regs_shape)
+        idx[1], idx[4] = cj, h
+        regs[tuple(idx)] = arith.mulf(
+            arith.subf(mgpu_utils.bitcast(bits, pair), zb), sb)
+    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
+                                _is_signed=None)
+
+  return build(q_ref, p_ref)
+
+
+def store_untransposed(acc: jax.Array, out_ref, tokens: int) -> None:
+  """Stores the `(64, tokens)` bf16 accumulator of permuted rows (WGMMA
+  layout) as the `(tokens, 64)` tile `out_ref` (128-byte swizzle): the
+  thread's rows h = 0, 1 are output columns `j, j + 1` (`j = 16 w + 2 q`),
+  paired per token by one `prmt` into a 32-bit word."""
+  regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, tokens))
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,
+                 plgpu.RefType(mg.swizzled(jnp.bfloat16, COLS))))
+  def store(_, acc, ref):
+    i8, i32 = (ir.IntegerType.get_signless(b) for b in (8, 32))
+    warp, q, r, _ = _thread_coords()
+    col_bytes = arith.addi(arith.muli(warp, _i32(32)), arith.muli(q, _i32(4)))
+    base = mgpu_utils.memref_ptr(ref)
+    first_token = arith.muli(r, _i32(2))
+    for ct in range(tokens // 8):
+      idx = [0] * len(regs_shape)
+      idx[1] = ct
+      words = []
+      for h in (0, 1):
+        idx[4] = h
+        words.append(mgpu_utils.bitcast(acc.registers[tuple(idx)], i32))
+      for u, sel in ((0, 0x5410), (1, 0x7632)):
+        word = llvm.inline_asm(
+            i32, words, f"prmt.b32 $0, $1, $2, {sel:#06x};", "=r,r,r")
+        token = arith.addi(first_token, _i32(8 * ct + u))
+        addr = arith.addi(arith.muli(token, _i32(OUT_ROW_BYTES)), col_bytes)
+        llvm.store(word, mgpu_utils.getelementptr(
+            base, [_swizzled(addr, 128)], i8))
+    return ()
+
+  store(acc, out_ref)
 
 
 def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
              group_size: int, cfg: DxConfig = DxConfig(),
              num_sms: int = 132) -> jax.Array:
   """`dx (M, K)` from dy `(M, N)` bf16, planar codes `(N, K/2)` uint8 and
-  `qmatmul_mgpu.group_params` `(G, 2, N)`."""
+  `transposed_params` `(2, G/2, 2 N)`."""
   m, n = dy.shape
   half = codes.shape[1]
   k = 2 * half
-  mg.check_operands(codes, params, n, k, group_size)
   check_shapes(m, n, k, group_size, cfg)
-  tokens, kb, bn, nbuf = cfg.tokens, cfg.block_kb, cfg.block_n, cfg.w_buffers
-  in_flight = nbuf == 3  # each wgmma stays in flight into the next step
-  late = dict(delay_release=1) if in_flight else {}
-  cta_tokens = 2 * tokens
+  groups = k // group_size
+  if codes.shape != (n, half) or codes.dtype != jnp.uint8:
+    raise ValueError(f"codes must be uint8 ({n}, {half}), got "
+                     f"{codes.dtype} {codes.shape}")
+  if params.shape != (2, groups // 2, 2 * n):
+    raise ValueError(f"params must be {(2, groups // 2, 2 * n)}, got "
+                     f"{params.shape}")
+  tokens, bn = cfg.tokens, cfg.block_n
   steps = n // bn
-  m_iters, c_iters = m // cta_tokens, half // kb
-  half_groups = half // group_size
+  m_iters, c_iters = m // tokens, half // COLS
   dtype = dy.dtype
-  # The code rows a step reads: those it dequantizes (s + 1) or, carried,
-  # those the next step dequantizes (s + 2).
-  lead = 2 if cfg.carry_codes else 1
-  ahead = lambda s: (jnp.minimum(s + lead, steps - 1), 0)
-  rows0 = lead * bn  # code rows each warpgroup loads before the pipeline
-  code_spec = functools.partial(plgpu.BlockSpec, (bn, kb),
-                                transforms=mg.swizzled(jnp.uint8, kb), **late)
-  param_spec = functools.partial(plgpu.BlockSpec, (1, 2, bn), **late)
 
-  def qmatmul_dx_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, w_smem, out_smem,
-                      ready, q0_smem, p0_smem, loaded):
+  def qmatmul_dx_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
     get_pipeline = mg.pipeline_maker([
-        plgpu.BlockSpec((cta_tokens, bn), lambda s: (0, s),
-                        transforms=mg.swizzled(dtype, bn), **late),
-        code_spec(ahead), param_spec(lambda s: (0, 0, ahead(s)[0])),
-        param_spec(lambda s: (0, 0, ahead(s)[0])),
+        plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
+                        transforms=mg.swizzled(dtype, bn)),
+        plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
+                        transforms=_code_transforms(cfg.code_swizzle)),
+        plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s)),
     ], steps, cfg.stages)
-    gmem = (dy_gmem, q_gmem, p_gmem, p_gmem)
 
-    @mg.allocated(get_pipeline, gmem)
+    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem))
     def _scope(allocs):
       wg = lax.axis_index("wg")
-      wg_tokens = pl.ds(wg * tokens, tokens)
-
-      def store_half(codes, plane_params, buf):
-        """This warpgroup's plane of a code tile into buffer `buf`:
-        `codes()` the uint8 `(block_n, block_kb)` tile, `plane_params(p)`
-        plane p's `(s, z)` row vectors (read where called, in the
-        warpgroup's branch)."""
-        for plane in (0, 1):
-          @pl.when(wg == plane)
-          def _store():
-            w = mg.dequantize_plane(codes(), plane, *plane_params(plane))
-            w_smem[buf, :, plane * kb:(plane + 1) * kb] = w
-        plgpu.commit_smem()
-
-      def read_tile(q_smem, plo_smem, phi_smem, rows=slice(None)):
-        """A code tile and both planes' parameters, into registers."""
-        return (q_smem[rows], (mg.load_params(plo_smem, rows),
-                               mg.load_params(phi_smem, rows)))
 
       @plgpu.nd_loop((m_iters * c_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        m_idx, c_idx = plgpu.planar_snake(lin, (m_iters, c_iters), 1,
+        c_idx, m_idx = plgpu.planar_snake(lin, (c_iters, m_iters), 1,
                                           cfg.grid_tile_width)
-        cta_m = pl.ds(m_idx * cta_tokens, cta_tokens)
-        g_lo = (c_idx * kb) // group_size
-        first = info.local_index * steps  # this CTA's steps before the tile
-        buffer = lambda s: lax.rem(first + s, nbuf)
-
-        cols = pl.ds(c_idx * kb, kb)
-        lo, hi = pl.ds(g_lo, 1), pl.ds(half_groups + g_lo, 1)
+        cta_m = pl.ds(m_idx * tokens, tokens)
+        g_lo = (c_idx * COLS) // group_size
 
         def compute_context(run_pipeline):
-          # Tile 0 (and, carried, tile 1), before the pipeline: the first
-          # code rows and both planes' parameters, loaded by TMA here.
-          plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(0, rows0), cols],
-                                  q0_smem.at[wg], loaded.at[wg])
-          for plane in (0, 1):
-            plgpu.copy_gmem_to_smem(
-                p_gmem.at[pl.ds(g_lo + plane * half_groups, 1), :,
-                          pl.ds(0, rows0)],
-                p0_smem.at[wg, plane], loaded.at[wg])
-          plgpu.barrier_wait(loaded.at[wg])
-          tile0 = pl.ds(0, bn)
-          store_half(lambda: q0_smem.at[wg][tile0],
-                     lambda p: mg.load_params(p0_smem.at[wg, p], tile0),
-                     buffer(0))
-          plgpu.barrier_arrive(ready.at[buffer(0)])
-
           @functools.partial(
-              pl.run_scoped,
-              acc_ref=plgpu.ACC((tokens, 2 * kb), jnp.float32))
+              pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
           def _acc(acc_ref):
-            if cfg.carry_codes:
-              run_pipeline((acc_ref, *read_tile(
-                  q0_smem.at[wg], p0_smem.at[wg, 0], p0_smem.at[wg, 1],
-                  pl.ds(bn, bn))))
-            else:
-              run_pipeline(acc_ref)
-            plgpu.wgmma_wait(0)
+            run_pipeline(acc_ref)
             acc = acc_ref[...].astype(dtype)
-            for plane in (0, 1):
-              for r in range(0, tokens, EPI_TOKENS):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                out_smem[wg] = acc[r:r + EPI_TOKENS,
-                                   plane * kb:(plane + 1) * kb]
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    out_smem.at[wg],
-                    out_gmem.at[cta_m].at[wg_tokens].at[
-                        pl.ds(r, EPI_TOKENS),
-                        pl.ds(plane * half + c_idx * kb, kb)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            store_untransposed(acc, out_smem.at[wg], tokens)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[wg],
+                out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
 
-        def body(idx, dy_smem, q_next, plo_next, phi_next, carry):
-          (s,) = idx
-          acc_ref = carry[0] if cfg.carry_codes else carry
-          plgpu.barrier_wait(ready.at[buffer(s)])
-          plgpu.wgmma(acc_ref, dy_smem.at[wg_tokens], w_smem.at[buffer(s)])
-          if in_flight:
-            plgpu.wgmma_wait(1)  # this warpgroup's wgmma of step s - 1
-          not_last = s < steps - 1
-          if cfg.carry_codes:  # tile s + 1 in registers; read tile s + 2
-            _, q_regs, p_regs = carry
-            carry = (acc_ref, *read_tile(q_next, plo_next, phi_next))
-            codes, plane_params = lambda: q_regs, lambda p: p_regs[p]
-          else:
-            codes = lambda: q_next[...]
-            plane_params = lambda p: mg.load_params((plo_next, phi_next)[p])
+        def body(_, dy_smem, q_smem, p_smem, acc_ref):
+          w_t = transposed_weights(q_smem, p_smem, bn, cfg.code_swizzle)
+          plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
+          plgpu.wgmma_wait(0)
+          return acc_ref
 
-          @pl.when(not_last)
-          def _next_tile():
-            store_half(codes, plane_params, buffer(s + 1))
-
-          if not in_flight:
-            plgpu.wgmma_wait(0)
-
-          @pl.when(not_last)
-          def _arrive():
-            plgpu.barrier_arrive(ready.at[buffer(s + 1)])
-          return carry
-
-        get_pipeline(body, compute_context)(
-            dy_gmem.at[cta_m, :], q_gmem.at[:, cols], p_gmem.at[lo],
-            p_gmem.at[hi], allocations=allocs)
+        get_pipeline(body, compute_context, mg.tile_state(info, steps,
+                                                          cfg.stages))(
+            dy_gmem.at[cta_m, :], q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
+            p_gmem.at[:, pl.ds(g_lo, 1)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   return mg.launch(
       qmatmul_dx_mgpu, (m, k), dtype, num_sms,
-      w_smem=plgpu.SMEM((nbuf, bn, 2 * kb), dtype,
-                        transforms=mg.swizzled(dtype, 2 * kb)),
-      out_smem=plgpu.SMEM((2, EPI_TOKENS, kb), dtype,
-                          transforms=mg.swizzled(dtype, kb)),
-      ready=plgpu.Barrier(num_arrivals=2, num_barriers=nbuf),
-      q0_smem=plgpu.SMEM((2, rows0, kb), jnp.uint8,
-                         transforms=mg.swizzled(jnp.uint8, kb)),
-      p0_smem=plgpu.SMEM((2, 2, 1, 2, rows0), dtype),
-      loaded=plgpu.Barrier(num_arrivals=3, num_barriers=2))(
-          dy, codes, params)
+      out_smem=plgpu.SMEM((2, tokens, COLS), dtype,
+                          transforms=mg.swizzled(dtype, COLS)))(
+                              dy, codes, params)
 
 
 def can_use(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()
@@ -278,12 +328,12 @@ def can_use(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()
 
 def dx(dy2d: jax.Array, w, cfg: DxConfig = DxConfig()) -> jax.Array:
   """`dy2d (M, N) @ dequantize(w) -> (M, K)` for a QArray `can_use`
-  accepts."""
+  accepts (double-quantized scales are expanded first)."""
   from qft_jax._src import qarray as qa  # pylint: disable=g-import-not-at-top
   ok, reason = can_use(dy2d, w, cfg)
   if not ok:
     raise ValueError(f"qmatmul_mgpu_dx.dx cannot run: {reason}")
-  params = mg.group_params(qa.dense_scale(w), w.zero_point, dy2d.dtype)
+  params = transposed_params(qa.dense_scale(w), w.zero_point, dy2d.dtype)
   return fused_dx(dy2d, w.qvalue, params,
                   group_size=qa.resolve_group_size(w.group_size, w.shape[1]),
                   cfg=cfg, num_sms=jax.devices()[0].core_count)

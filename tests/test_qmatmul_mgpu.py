@@ -10,7 +10,6 @@ the float32 `pallas_kernels.reference` on a Hopper GPU.
 """
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import qmatmul as kq
 from pallas_kernels import qmatmul_mgpu as mg
 from pallas_kernels import qmatmul_mgpu_dx as mdx
-from pallas_kernels import qmatmul_mgpu_dxt as dxt
 from qft_jax._src import qarray as qa
 from qft_jax._src import qmatmul as qm
 
@@ -60,7 +58,7 @@ def test_transposed_params_dequantize_bitwise(symmetric):
   qa.dequantize bit for bit (row pair m's numbers at 4 m: zb, zb, sb, sb)."""
   n, k, g = 96, 512, 128
   w = _weight(7 + symmetric, n, k, symmetric=symmetric)
-  p = dxt.transposed_params(qa.dense_scale(w), w.zero_point)
+  p = mdx.transposed_params(qa.dense_scale(w), w.zero_point)
   assert p.shape == (2, k // g // 2, 2 * n)
   rows = jnp.arange(n)
   pick = lambda v, off: v[..., 4 * (rows // 2) + rows % 2 + off]
@@ -89,18 +87,14 @@ def test_check_shapes_names_the_broken_rule(shape, message):
 @pytest.mark.parametrize("shape, message", [
     ((4096, 4096 + 32, 4096, 128), "N=4128 must be a multiple of block_n"),
     ((4000, 4096, 4096, 128), "M=4000 must be a multiple"),
-    ((4096, 4096, 4096, 32), "group size 32 must be a multiple of block_kb"),
+    ((4096, 4096, 4096, 32), "group size 32 must be a multiple of 64"),
     ((4096, 4096, 4096 - 256, 256), "K/2=1920 must be a multiple"),
 ])
 def test_dx_check_shapes_names_the_broken_rule(shape, message):
   with pytest.raises(ValueError, match=message):
     mdx.check_shapes(*shape, mdx.DxConfig())
-
-
-def test_dx_carry_codes_needs_two_tiles():
-  mdx.check_shapes(256, 64, 256, 64, mdx.DxConfig())
-  with pytest.raises(ValueError, match="at least 2 \\* block_n"):
-    mdx.check_shapes(256, 64, 256, 64, mdx.DxConfig(carry_codes=True))
+  with pytest.raises(ValueError, match="code_swizzle=128 must be 0 or 64"):
+    mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(code_swizzle=128))
 
 
 def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
@@ -135,17 +129,17 @@ def test_lowers_for_cuda():
 
 
 @pytest.mark.parametrize("cfg", [mdx.DxConfig(),
-                                 mdx.DxConfig(carry_codes=True),
-                                 mdx.DxConfig(carry_codes=True, w_buffers=3,
-                                              stages=3)])
+                                 mdx.DxConfig(code_swizzle=0),
+                                 mdx.DxConfig(block_n=128, stages=2)])
 def test_dx_lowers_for_cuda(cfg):
-  """The input-gradient kernel also lowers with jax 0.10 (CI's)."""
+  """The input-gradient kernel lowers for CUDA (its inline A-operand
+  builder and epilogue included)."""
   m, n, k, g = 1024, 512, 1024, 128
   dx = jax.jit(functools.partial(mdx.fused_dx, group_size=g, cfg=cfg))
   text = dx.trace(
       jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
       jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-      jax.ShapeDtypeStruct((k // g, 2, n), jnp.bfloat16),
+      jax.ShapeDtypeStruct((2, k // g // 2, 2 * n), jnp.bfloat16),
   ).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -215,44 +209,20 @@ class TestMgpuGpu:
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert err < 1e-2, err
 
-  # (4096, 2048, 2048): several tiles per CTA (the buffers rotate on);
-  # three buffers (each wgmma in flight into the next step); wgmma N = 256
-  # over 64-token tiles; code tiles carried in registers a step early.
+  # Unswizzled code tiles, 128-row steps, 128-token tiles, several tiles
+  # per CTA (4096 x 2048: the tiles' pipelines chain).
   @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
       (1024, 1024, 2048, False, mdx.DxConfig()),
       (1024, 512, 1024, True, mdx.DxConfig()),
-      (1024, 768, 4352, False, mdx.DxConfig()),
-      (4096, 2048, 2048, False, mdx.DxConfig()),
-      (4096, 2048, 2048, True, mdx.DxConfig(stages=3, w_buffers=3)),
-      (4096, 2048, 2048, False, mdx.DxConfig(tokens=64, block_kb=128)),
-      (1024, 768, 4352, True, mdx.DxConfig(carry_codes=True)),
-      (4096, 2048, 2048, False, mdx.DxConfig(carry_codes=True)),
-      (4096, 2048, 2048, False,
-       mdx.DxConfig(carry_codes=True, w_buffers=3, stages=3))])
+      (1024, 768, 4352, False, mdx.DxConfig(code_swizzle=0)),
+      (4096, 2048, 2048, False, mdx.DxConfig(block_n=128, stages=2)),
+      (1024, 512, 1024, True, mdx.DxConfig(tokens=128)),
+      (4096, 2048, 2048, True, mdx.DxConfig())])
   def test_dx_matches_reference(self, m, n, k, symmetric, cfg):
-    w = _weight(n + k + 1, n, k, symmetric=symmetric)
-    dy = jax.random.normal(jax.random.PRNGKey(n), (m, n), jnp.bfloat16)
-    assert kq.can_use_mosaic_dx(dy, w)[0]
-    got = jax.jit(functools.partial(mdx.dx, cfg=cfg))(dy, w).astype(
-        jnp.float32)
-    assert got.shape == (m, k)
-    ref = kq.reference_dx(dy, w)
-    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-    assert err < 1e-2, err
-
-  # The transposed input gradient: unswizzled code tiles, 128-row steps,
-  # 128-token tiles, several tiles per CTA (4096 x 2048), wgmmas in flight.
-  @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
-      (1024, 1024, 2048, False, dxt.DxtConfig()),
-      (256, 512, 1024, True, dxt.DxtConfig()),
-      (1024, 768, 4352, False, dxt.DxtConfig(code_swizzle=0)),
-      (4096, 2048, 2048, False, dxt.DxtConfig(block_n=128, stages=2)),
-      (1024, 512, 1024, True, dxt.DxtConfig(tokens=128)),
-      (4096, 2048, 2048, True, dxt.DxtConfig(in_flight=True))])
-  def test_dxt_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 2, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n + 1), (m, n), jnp.bfloat16)
-    got = jax.jit(functools.partial(dxt.dx, cfg=cfg))(dy, w).astype(
+    assert kq.can_use_mosaic_dx(dy, w)[0]
+    got = jax.jit(functools.partial(mdx.dx, cfg=cfg))(dy, w).astype(
         jnp.float32)
     assert got.shape == (m, k)
     ref = kq.reference_dx(dy, w)
@@ -310,9 +280,7 @@ def test_benchmark_configs_fit_its_shapes():
     for cfg in bench.CONFIGS:
       mg.check_shapes(bench.M, n, k, bench.GROUP, cfg)
     for cfg in bench.DX_CONFIGS:
-      kernel, _ = bench.dx_kernel(cfg)
-      sys.modules[kernel.__module__].check_shapes(bench.M, n, k, bench.GROUP,
-                                                  cfg)
+      mdx.check_shapes(bench.M, n, k, bench.GROUP, cfg)
 
 
 def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):
