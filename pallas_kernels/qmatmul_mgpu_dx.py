@@ -64,7 +64,10 @@ OUT_ROW_BYTES = 2 * COLS  # one bf16 output-tile row
 
 @dataclasses.dataclass(frozen=True)
 class DxConfig:
-  """tokens: dy rows per CTA (wgmma N, a multiple of 8, <= 256); block_n:
+  """The defaults won experiments/bench_mgpu_train.py's session-13 probes
+  at all three training shapes (H200; mgpu_train_dx_h200_2026-11-28_s13c/d).
+
+  tokens: dy rows per CTA (wgmma N, a multiple of 8, <= 256); block_n:
   contraction rows per step; stages: steps in flight; grid_tile_width:
   output tiles per stripe of the persistent walk; code_swizzle: the code
   tile's shared-memory swizzle in bytes (64: conflict-free loads; 0:
@@ -82,6 +85,8 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
   half = k // 2
   rules = (
       (k % 2 == 0, f"K={k} must be even (two 4-bit planes)"),
+      (cfg.tokens % 8 == 0 and cfg.tokens <= 256,
+       f"tokens={cfg.tokens} must be a multiple of 8, at most 256 (wgmma N)"),
       (m % cfg.tokens == 0, f"M={m} must be a multiple of tokens="
        f"{cfg.tokens}"),
       (n % cfg.block_n == 0 and cfg.block_n % 16 == 0,
@@ -98,6 +103,8 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
 
 
 def _code_transforms(swizzle: int):
+  """The code tile's shared-memory layout: 8-row tiles of 64-byte rows,
+  swizzled unless `swizzle` is 0."""
   if swizzle == 0:
     return (plgpu.TilingTransform((8, COLS)),)
   return (plgpu.TilingTransform((8, COLS)), plgpu.SwizzleTransform(swizzle))
@@ -127,6 +134,7 @@ def _thread_coords():
 
 
 def _load_u16(base, addr: ir.Value) -> ir.Value:
+  """The 16 bits at byte `addr` of shared pointer `base`, as an i32."""
   i8, i16, i32 = (ir.IntegerType.get_signless(b) for b in (8, 16, 32))
   return arith.extui(i32, llvm.load(
       i16, mgpu_utils.getelementptr(base, [addr], i8)))

@@ -95,6 +95,8 @@ def test_dx_check_shapes_names_the_broken_rule(shape, message):
     mdx.check_shapes(*shape, mdx.DxConfig())
   with pytest.raises(ValueError, match="code_swizzle=128 must be 0 or 64"):
     mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(code_swizzle=128))
+  with pytest.raises(ValueError, match="tokens=512 must be a multiple of 8"):
+    mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(tokens=512))
 
 
 def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
