@@ -71,12 +71,16 @@ class DxConfig:
   contraction rows per step; stages: steps in flight; grid_tile_width:
   output tiles per stripe of the persistent walk; code_swizzle: the code
   tile's shared-memory swizzle in bytes (64: conflict-free loads; 0:
-  none)."""
+  none); in_flight: each step's wgmma retired in the next step (the input
+  slots released one step late, one pipeline per tile), the last step's at
+  once. A queued probe, never run in this form: session 13's version,
+  without the last step's wait, gave NaNs (WORKSPACE.md, "Session 13")."""
   tokens: int = 256
   block_n: int = 64
   stages: int = 4
   grid_tile_width: int = 4
   code_swizzle: int = 64
+  in_flight: bool = False
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
@@ -272,14 +276,15 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   steps = n // bn
   m_iters, c_iters = m // tokens, half // COLS
   dtype = dy.dtype
+  late = dict(delay_release=1) if cfg.in_flight else {}
 
   def qmatmul_dx_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
     get_pipeline = mg.pipeline_maker([
         plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
-                        transforms=mg.swizzled(dtype, bn)),
+                        transforms=mg.swizzled(dtype, bn), **late),
         plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
-                        transforms=_code_transforms(cfg.code_swizzle)),
-        plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s)),
+                        transforms=_code_transforms(cfg.code_swizzle), **late),
+        plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s), **late),
     ], steps, cfg.stages)
 
     @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem))
@@ -299,6 +304,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
               pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
           def _acc(acc_ref):
             run_pipeline(acc_ref)
+            plgpu.wgmma_wait(0)
             acc = acc_ref[...].astype(dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             store_untransposed(acc, out_smem.at[wg], tokens)
@@ -307,14 +313,24 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                 out_smem.at[wg],
                 out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
 
-        def body(_, dy_smem, q_smem, p_smem, acc_ref):
+        def body(idx, dy_smem, q_smem, p_smem, acc_ref):
           w_t = transposed_weights(q_smem, p_smem, bn, cfg.code_swizzle)
           plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
-          plgpu.wgmma_wait(0)
+          if not cfg.in_flight:
+            plgpu.wgmma_wait(0)
+            return acc_ref
+          plgpu.wgmma_wait(1)  # step s - 1's, whose slots are released now
+
+          # The next tile's prologue refills this step's slots as soon as
+          # the body returns (the pipeline never releases its last step).
+          @pl.when(idx[0] == steps - 1)
+          def _last():
+            plgpu.wgmma_wait(0)
           return acc_ref
 
-        get_pipeline(body, compute_context, mg.tile_state(info, steps,
-                                                          cfg.stages))(
+        chained = (None if cfg.in_flight
+                   else mg.tile_state(info, steps, cfg.stages))
+        get_pipeline(body, compute_context, chained)(
             dy_gmem.at[cta_m, :], q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
             p_gmem.at[:, pl.ds(g_lo, 1)], allocations=allocs)
 

@@ -132,7 +132,8 @@ def test_lowers_for_cuda():
 
 @pytest.mark.parametrize("cfg", [mdx.DxConfig(),
                                  mdx.DxConfig(code_swizzle=0),
-                                 mdx.DxConfig(block_n=128, stages=2)])
+                                 mdx.DxConfig(block_n=128, stages=2),
+                                 mdx.DxConfig(in_flight=True)])
 def test_dx_lowers_for_cuda(cfg):
   """The input-gradient kernel lowers for CUDA (its inline A-operand
   builder and epilogue included)."""
@@ -212,14 +213,16 @@ class TestMgpuGpu:
     assert err < 1e-2, err
 
   # Unswizzled code tiles, 128-row steps, 128-token tiles, several tiles
-  # per CTA (4096 x 2048: the tiles' pipelines chain).
+  # per CTA (4096 x 2048: the tiles' pipelines chain); wgmmas in flight
+  # (queued: never run on a GPU in this form).
   @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
       (1024, 1024, 2048, False, mdx.DxConfig()),
       (1024, 512, 1024, True, mdx.DxConfig()),
       (1024, 768, 4352, False, mdx.DxConfig(code_swizzle=0)),
       (4096, 2048, 2048, False, mdx.DxConfig(block_n=128, stages=2)),
       (1024, 512, 1024, True, mdx.DxConfig(tokens=128)),
-      (4096, 2048, 2048, True, mdx.DxConfig())])
+      (4096, 2048, 2048, True, mdx.DxConfig()),
+      (4096, 2048, 2048, False, mdx.DxConfig(in_flight=True))])
   def test_dx_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 2, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n + 1), (m, n), jnp.bfloat16)
