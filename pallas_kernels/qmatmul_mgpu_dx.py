@@ -145,9 +145,9 @@ def _load_u16(base, addr: ir.Value) -> ir.Value:
 
 
 # Byte h of rows n ($1) and n + 1 ($2) into the low bytes of a pair's 16-bit
-# lanes (prmt; bytes 2 of $1 are zero), shifted right by the plane ($3: plane
-# 1's nibble lands in bits 3-6), masked and given bf16's exponent for 128
-# ((t & $4) | 0x43004300).
+# lanes (prmt; byte 2 of $1, a zero-extended 16-bit load, fills the high
+# bytes), shifted right by the plane ($3: plane 1's nibble lands in bits
+# 3-6), masked and given bf16's exponent for 128 ((t & $4) | 0x43004300).
 _PAIR_PTX = ("{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel:#06x}; "
              "shr.b32 t, t, $3; lop3.b32 $0, t, $4, 0x43004300, 0xEA; }}")
 _BYTE_SELECT = (0x2420, 0x2521)
@@ -155,11 +155,10 @@ _BYTE_SELECT = (0x2420, 0x2521)
 
 def transposed_params(scale: jax.Array, zero_point: jax.Array | None,
                       dtype=jnp.bfloat16) -> jax.Array:
-  """`(N, G)` scales and zero points -> `(2, G/2, 2 N)`: for plane p and
-  its group g, row pair m's four numbers at `4 m`,
-  `[zb[2m], zb[2m+1], sb[2m], sb[2m+1]]` with
-  `zb = 128 + f z`, `sb = s / f`, f = PLANE_FACTOR[p] (exact in `dtype`):
-  the four numbers a thread's column pair needs, one 8-byte load. Symmetric
+  """`(N, G)` scales and zero points -> `(2, G/2, 2 N)`: for plane p, its
+  group g and row pair m, `[zb[2m], zb[2m+1], sb[2m], sb[2m+1]]` at `4 m`,
+  with `zb = 128 + f z`, `sb = s / f`, f = PLANE_FACTOR[p] (exact in
+  `dtype`): what a thread's column pair needs, one 8-byte load. Symmetric
   codes (`zero_point` None) take the implicit zero point 8."""
   n, g = scale.shape
   z = jnp.full((n, g), 8, dtype) if zero_point is None else zero_point
