@@ -302,8 +302,7 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
           @functools.partial(
               pl.run_scoped, acc_ref=plgpu.ACC((COLS, tokens), jnp.float32))
           def _acc(acc_ref):
-            run_pipeline(acc_ref)
-            plgpu.wgmma_wait(0)
+            run_pipeline(acc_ref)  # its last step's wgmma retired
             acc = acc_ref[...].astype(dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             store_untransposed(acc, out_smem.at[wg], tokens)

@@ -289,10 +289,10 @@ def test_benchmark_configs_fit_its_shapes():
 
 
 def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):
-  """With the gate passing (patched: CI has no Hopper), qdot's default
-  forward at training sizes takes the Mosaic kernel, but not under a
-  multi-device mesh (XLA would replicate the custom call's operands), and
-  nor for the input gradient unless its own gate passes."""
+  """With the gates passing (patched: CI has no Hopper), qdot's default
+  forward and input gradient at training sizes take the Mosaic kernels,
+  each only where its own gate passes, and neither under a multi-device
+  mesh (XLA would replicate the custom call's operands)."""
   from qft_jax._src import sharding  # pylint: disable=g-import-not-at-top
   w = _weight(9, 256, 1024)
   x = jnp.ones((1024, 1024), jnp.bfloat16)
@@ -304,6 +304,7 @@ def test_qdot_default_takes_mosaic_only_outside_a_device_mesh(monkeypatch):
   assert not qm._use_pallas(x, w, "xla")  # pylint: disable=protected-access
   monkeypatch.setattr(sharding, "compute_mesh_size", lambda: 2)
   assert not qm._use_pallas(x, w, None)  # pylint: disable=protected-access
+  assert not qm._use_pallas(x[:, :256], w, None, gate="can_use_dx")  # pylint: disable=protected-access
 
 
 def test_bad_operands_are_named():

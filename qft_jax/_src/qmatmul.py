@@ -62,12 +62,14 @@ class WeightWithProbe:
 
 
 # With `implementation=None` the Pallas kernels are used only where they were
-# measured faster than XLA's dequantize-then-matmul on the H100: decode-sized
-# M (experiments/results/kernels_h100_2026-11-27.json), and the forward at
-# training shapes where the Mosaic GPU kernels apply (4-bit uniform codes on
-# Hopper, `kernels.can_use_mosaic` / `can_use_mosaic_dx`;
-# mgpu_train_h100_2026-11-28.json, mgpu_train_dx_h200_2026-11-28_s13.json).
-# Else, at M > AUTO_PALLAS_MAX_M and for the 3-bit input gradient, XLA wins.
+# measured faster than XLA's dequantize-then-matmul: decode-sized M (H100,
+# experiments/results/kernels_h100_2026-11-27.json), and at training shapes
+# where the Mosaic GPU kernels apply (4-bit uniform codes on Hopper,
+# `kernels.can_use_mosaic` / `can_use_mosaic_dx`): the forward on the H100
+# (mgpu_train_h100_2026-11-28.json), the input gradient on an H200
+# (mgpu_train_dx_h200_2026-11-28_s13.json against kernels_h200_2026-11-28_
+# run12.json's dequantize-then-matmul rows). Else, at M > AUTO_PALLAS_MAX_M
+# and for the 3-bit input gradient, XLA wins.
 AUTO_PALLAS_MAX_M = 16
 
 
