@@ -51,7 +51,7 @@ GROUP = 128
 CONFIGS = (
     mg.MgpuConfig(),
     mg.MgpuConfig(grid_tile_width=8),
-    mg.MgpuConfig(block_kb=32, stages=4),
+    mg.MgpuConfig(overlap=True),
 )
 # dx run 1 (mgpu_train_dx_h100_2026-11-28.json): 128-token tiles 298.5 /
 # 742.0 / 866.5 us with block_n 64 (282.1 / 739.2 / 908.1 with 128, two
@@ -98,7 +98,10 @@ CONFIGS = (
 # bf16 183.8 / 478.0 / 519.2, 0.92 / 0.93 / 0.96x (_s13).
 DX_CONFIGS = (
     mdx.DxConfig(),
-    mdx.DxConfig(in_flight=True),  # queued: lowered on the CPU, never run
+    mdx.DxConfig(splits=2),
+    mdx.DxConfig(splits=4),
+    mdx.DxConfig(block_n=128, stages=2, splits=2),
+    mdx.DxConfig(block_n=128, stages=2, splits=4),
 )
 
 
