@@ -51,7 +51,7 @@ GROUP = 128
 CONFIGS = (
     mg.MgpuConfig(),
     mg.MgpuConfig(grid_tile_width=8),
-    mg.MgpuConfig(overlap=True),
+    mg.MgpuConfig(block_kb=32, stages=4),
 )
 # dx run 1 (mgpu_train_dx_h100_2026-11-28.json): 128-token tiles 298.5 /
 # 742.0 / 866.5 us with block_n 64 (282.1 / 739.2 / 908.1 with 128, two
@@ -96,13 +96,7 @@ CONFIGS = (
 # (delay_release=1, unchained tiles) gave NaNs (_s13d, _s13 at 29a5061):
 # not kept. The default at 29a5061: 199.7 / 516.1 / 543.2 against XLA
 # bf16 183.8 / 478.0 / 519.2, 0.92 / 0.93 / 0.96x (_s13).
-DX_CONFIGS = (
-    mdx.DxConfig(),
-    mdx.DxConfig(splits=2),
-    mdx.DxConfig(splits=4),
-    mdx.DxConfig(block_n=128, stages=2, splits=2),
-    mdx.DxConfig(block_n=128, stages=2, splits=4),
-)
+DX_CONFIGS = (mdx.DxConfig(),)
 
 
 COPIES = 4  # weight + activation sets rotated (>= 160 MiB at every shape)

@@ -91,8 +91,6 @@ class MgpuConfig:
     (`plgpu.planar_snake`), for L2 reuse.
   epi_rows: weight rows per epilogue store (a multiple of 64 dividing
     `rows`; two stores in flight when `rows` holds two).
-  overlap: plane 1's weights dequantized after plane 0's wgmma is issued
-    (under its MMA) rather than both before it.
   """
   rows: int = 64
   tokens: int = 256
@@ -100,7 +98,6 @@ class MgpuConfig:
   stages: int = 2
   grid_tile_width: int = 4
   epi_rows: int = 64
-  overlap: bool = False
 
 
 def group_params(scale: jax.Array, zero_point: jax.Array | None,
@@ -325,12 +322,9 @@ def fused_fwd(x: jax.Array, codes: jax.Array, params: jax.Array, *,
                  acc_ref):
           q = q_smem[wg_rows]
           w_lo = dequantize_plane(q, 0, *load_params(plo_smem, wg_rows))
-          w_hi = lambda: dequantize_plane(q, 1, *load_params(phi_smem,
-                                                             wg_rows))
-          if not cfg.overlap:
-            w_hi = functools.partial(lambda w: w, w_hi())
+          w_hi = dequantize_plane(q, 1, *load_params(phi_smem, wg_rows))
           plgpu.wgmma(acc_ref, w_lo, _transposed(xlo_smem))
-          plgpu.wgmma(acc_ref, w_hi(), _transposed(xhi_smem))
+          plgpu.wgmma(acc_ref, w_hi, _transposed(xhi_smem))
           plgpu.wgmma_wait(0)
           return acc_ref
 

@@ -71,16 +71,12 @@ class DxConfig:
   contraction rows per step; stages: steps in flight; grid_tile_width:
   output tiles per stripe of the persistent walk; code_swizzle: the code
   tile's shared-memory swizzle in bytes (64: conflict-free loads; 0:
-  none); splits: wgmma groups per step, each over `block_n / splits`
-  contraction rows with its own dy tile, so that a warpgroup dequantizes
-  chunk c + 1 while chunk c's MMA runs (1: the whole step's weights first,
-  then one group)."""
+  none)."""
   tokens: int = 256
   block_n: int = 64
   stages: int = 4
   grid_tile_width: int = 4
   code_swizzle: int = 64
-  splits: int = 1
 
 
 def check_shapes(m: int, n: int, k: int, group_size: int,
@@ -102,9 +98,6 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
        f"K/2={half} must be a multiple of the group size {group_size}"),
       (cfg.code_swizzle in (0, 64),
        f"code_swizzle={cfg.code_swizzle} must be 0 or 64"),
-      (cfg.splits in (1, 2, 4) and cfg.block_n % (16 * cfg.splits) == 0,
-       f"splits={cfg.splits} must be 1, 2 or 4 and cut block_n="
-       f"{cfg.block_n} into multiples of 16 rows (wgmma K)"),
   )
   mg.raise_first_broken(rules)
 
@@ -172,22 +165,19 @@ def transposed_params(scale: jax.Array, zero_point: jax.Array | None,
   return quad.reshape(2, g // 2, 2 * n)
 
 
-def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int,
-                       rows: slice | None = None) -> jax.Array:
-  """`(64, R)` bf16 A operand of this warpgroup's plane p for the code
-  tile's `rows` (R of them, a multiple of 8; default all `block_n`): row
-  `16 w + 8 h + q` (see the module docstring) and column c hold
-  `((128 + f q_p[n, j]) - zb[n]) sb[n]`, `n = rows.start + c`,
-  `j = 16 w + 2 q + h`, from the `(block_n, 64)` uint8 code tile `q_ref`
-  and the `(2, 1, 2 block_n)` `transposed_params` block `p_ref`, both in
-  shared memory."""
+def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
+                       ) -> jax.Array:
+  """`(64, block_n)` bf16 A operand of this warpgroup's plane p: row
+  `16 w + 8 h + q` (see the module docstring) and column n hold
+  `((128 + f q_p[n, j]) - zb[n]) sb[n]`, `j = 16 w + 2 q + h`, from the
+  `(block_n, 64)` uint8 code tile `q_ref` and the `(2, 1, 2 block_n)`
+  `transposed_params` block `p_ref`, both in shared memory."""
   layout = plgpu.Layout.WGMMA
-  first, stop, _ = (rows or slice(0, block_n)).indices(block_n)
-  regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, stop - first))
+  regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, block_n))
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(_code_transforms(swizzle)), plgpu.RefType()),
-      return_type=plgpu.ShapeDtypeStruct((COLS, stop - first), jnp.bfloat16,
+      return_type=plgpu.ShapeDtypeStruct((COLS, block_n), jnp.bfloat16,
                                          layout=layout))
   def build(_, q_ref, p_ref):
     i8, i32, i64 = (ir.IntegerType.get_signless(b) for b in (8, 32, 64))
@@ -201,7 +191,7 @@ def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int,
                             arith.muli(r, _i32(8)))
     first_row = arith.muli(r, _i32(2))
     regs = np.empty(regs_shape, dtype=object)
-    for cj in range(first // 8, stop // 8):
+    for cj in range(block_n // 8):
       words = []
       for u in (0, 1):
         row = arith.addi(first_row, _i32(8 * cj + u))
@@ -217,7 +207,7 @@ def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int,
             i32, [*words, plane, mask], _PAIR_PTX.format(sel=_BYTE_SELECT[h]),
             "=r,r,r,r,r")
         idx = [0] * len(regs_shape)
-        idx[1], idx[4] = cj - first // 8, h
+        idx[1], idx[4] = cj, h
         regs[tuple(idx)] = arith.mulf(
             arith.subf(mgpu_utils.bitcast(bits, pair), zb), sb)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
@@ -281,22 +271,17 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
   steps = n // bn
   m_iters, c_iters = m // tokens, half // COLS
   dtype = dy.dtype
-  splits = cfg.splits
-  chunk = bn // splits  # contraction rows per wgmma group
 
   def qmatmul_dx_mgpu(dy_gmem, q_gmem, p_gmem, out_gmem, out_smem):
-    dy_specs = [plgpu.BlockSpec((tokens, chunk),
-                                lambda s, c=c: (0, splits * s + c),
-                                transforms=mg.swizzled(dtype, chunk))
-                for c in range(splits)]
     get_pipeline = mg.pipeline_maker([
-        *dy_specs,
+        plgpu.BlockSpec((tokens, bn), lambda s: (0, s),
+                        transforms=mg.swizzled(dtype, bn)),
         plgpu.BlockSpec((bn, COLS), lambda s: (s, 0),
                         transforms=_code_transforms(cfg.code_swizzle)),
         plgpu.BlockSpec((2, 1, 2 * bn), lambda s: (0, 0, s)),
     ], steps, cfg.stages)
 
-    @mg.allocated(get_pipeline, (dy_gmem,) * splits + (q_gmem, p_gmem))
+    @mg.allocated(get_pipeline, (dy_gmem, q_gmem, p_gmem))
     def _scope(allocs):
       wg = lax.axis_index("wg")
 
@@ -321,21 +306,16 @@ def fused_dx(dy: jax.Array, codes: jax.Array, params: jax.Array, *,
                 out_smem.at[wg],
                 out_gmem.at[cta_m, pl.ds(wg * half + c_idx * COLS, COLS)])
 
-        def body(_, *refs):
-          *dy_smems, q_smem, p_smem, acc_ref = refs
-          for c, dy_smem in enumerate(dy_smems):  # chunk c + 1's weights
-            w_t = transposed_weights(  # are built under chunk c's MMA
-                q_smem, p_smem, bn, cfg.code_swizzle,
-                slice(c * chunk, (c + 1) * chunk))
-            plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
+        def body(_, dy_smem, q_smem, p_smem, acc_ref):
+          w_t = transposed_weights(q_smem, p_smem, bn, cfg.code_swizzle)
+          plgpu.wgmma(acc_ref, w_t, mg._transposed(dy_smem))  # pylint: disable=protected-access
           plgpu.wgmma_wait(0)
           return acc_ref
 
         get_pipeline(body, compute_context, mg.tile_state(
             info, steps, cfg.stages))(
-                *(dy_gmem.at[cta_m, :],) * splits,
-                q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
-                p_gmem.at[:, pl.ds(g_lo, 1)], allocations=allocs)
+            dy_gmem.at[cta_m, :], q_gmem.at[:, pl.ds(c_idx * COLS, COLS)],
+            p_gmem.at[:, pl.ds(g_lo, 1)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -97,9 +97,6 @@ def test_dx_check_shapes_names_the_broken_rule(shape, message):
     mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(code_swizzle=128))
   with pytest.raises(ValueError, match="tokens=512 must be a multiple of 8"):
     mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(tokens=512))
-  with pytest.raises(ValueError, match="splits=4 must be 1, 2 or 4 and cut"):
-    mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(block_n=32,
-                                                          splits=4))
 
 
 def test_gate_refuses_off_hopper_and_qdot_keeps_xla():
@@ -135,10 +132,7 @@ def test_lowers_for_cuda():
 
 @pytest.mark.parametrize("cfg", [mdx.DxConfig(),
                                  mdx.DxConfig(code_swizzle=0),
-                                 mdx.DxConfig(block_n=128, stages=2),
-                                 mdx.DxConfig(splits=2),
-                                 mdx.DxConfig(block_n=128, stages=2,
-                                              splits=4)])
+                                 mdx.DxConfig(block_n=128, stages=2)])
 def test_dx_lowers_for_cuda(cfg):
   """The input-gradient kernel lowers for CUDA (its inline A-operand
   builder and epilogue included)."""
@@ -226,10 +220,7 @@ class TestMgpuGpu:
       (1024, 768, 4352, False, mdx.DxConfig(code_swizzle=0)),
       (4096, 2048, 2048, False, mdx.DxConfig(block_n=128, stages=2)),
       (1024, 512, 1024, True, mdx.DxConfig(tokens=128)),
-      (4096, 2048, 2048, True, mdx.DxConfig()),
-      (4096, 2048, 2048, False, mdx.DxConfig(splits=2)),
-      (1024, 1024, 1024, True, mdx.DxConfig(block_n=128, stages=2,
-                                            splits=4))])
+      (4096, 2048, 2048, True, mdx.DxConfig())])
   def test_dx_matches_reference(self, m, n, k, symmetric, cfg):
     w = _weight(n + k + 2, n, k, symmetric=symmetric)
     dy = jax.random.normal(jax.random.PRNGKey(n + 1), (m, n), jnp.bfloat16)
