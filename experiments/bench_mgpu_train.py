@@ -96,6 +96,16 @@ CONFIGS = (
 # (delay_release=1, unchained tiles) gave NaNs (_s13d, _s13 at 29a5061):
 # not kept. The default at 29a5061: 199.7 / 516.1 / 543.2 against XLA
 # bf16 183.8 / 478.0 / 519.2, 0.92 / 0.93 / 0.96x (_s13).
+# Session 14 (H200): the in-flight variant retiring each tile's last wgmma
+# at once still gave NaNs (196.0 / 494.3 / 526.8 against the default's
+# 198.1 / 510.3 / 542.4, _s14a.json, 34fd239): removed. Splitting each step
+# into wgmma groups over separately TMA'd dy chunks, each chunk's weights
+# dequantized under the previous chunk's MMA (correct, no NaN), was slower:
+# 2 x 32 rows 211.5 / 536.7 / 567.4, 4 x 16 287.0 / 720.4 / 739.7, 128-row
+# steps in 2 x 64 218.6 / 546.4 / 584.5, 4 x 32 230.8 / 578.6 / 610.4,
+# against 199.3 / 516.1 / 543.4; the forward's plane 1 dequantized under
+# plane 0's MMA tied (178.6 / 483.5 vs 178.1 / 484.2;
+# mgpu_train_both_h200_2026-11-28_s14.log, commit 83ed0e7): removed.
 DX_CONFIGS = (mdx.DxConfig(),)
 
 

@@ -68,8 +68,10 @@ class WeightWithProbe:
 # `kernels.can_use_mosaic` / `can_use_mosaic_dx`): the forward on the H100
 # (mgpu_train_h100_2026-11-28.json), the input gradient on an H200
 # (mgpu_train_dx_h200_2026-11-28_s13.json against kernels_h200_2026-11-28_
-# run12.json's dequantize-then-matmul rows). Else, at M > AUTO_PALLAS_MAX_M
-# and for the 3-bit input gradient, XLA wins.
+# run12.json's dequantize-then-matmul rows; in kernels_h200_2026-11-28_
+# run13.json a tie at two shapes and 4 % ahead at the third, and the whole
+# LoRA step 8 % faster, pallas_training_int4_h200_2026-11-28.json). Else,
+# at M > AUTO_PALLAS_MAX_M and for the 3-bit input gradient, XLA wins.
 AUTO_PALLAS_MAX_M = 16
 
 
