@@ -3,13 +3,15 @@ forward; qmatmul_mgpu_dx.py, input gradient) at training shapes against
 XLA's bf16 matmul.
 
   COMMIT=<hash> python3 experiments/bench_mgpu_train.py --op both --out $OUT
+  COMMIT=<hash> python3 experiments/bench_mgpu_train.py --op dx --ablate --out $OUT
   python3 experiments/bench_mgpu_train.py --lower_only   # CPU: lowering
 
 For M = 4096 and (N, K) in issue 5's three shapes: XLA bf16 `x @ W^T`
 (`dy @ W` for dx), with `--triton` the Triton fused kernel (the table's
 config), and each `CONFIGS` (`DX_CONFIGS`) entry of the Mosaic kernel,
 twice: the whole call (group parameters prepared by XLA) and the kernel
-alone. CUPTI kernel time per call, median of 7,
+alone (`--ablate`: also the input gradient's kernel under each
+`experiments/dx_ablations.py` ablation). CUPTI kernel time per call, median of 7,
 over rotated weight copies; relative error against the float32 reference
 on fresh random data. Writes $OUT/mgpu_train_<gpu>_<date>.json.
 """
@@ -129,15 +131,25 @@ def lower_all() -> None:
             jax.eval_shape(mdx.transposed_params, s, z)
             ).lower(lowering_platforms=("cuda",))
     print("lowered", cfg, flush=True)
+  from experiments import dx_ablations  # pylint: disable=g-import-not-at-top
+  for name, patch in dx_ablations.ABLATIONS.items():
+    with patch():
+      jax.jit(functools.partial(mdx.fused_dx, group_size=GROUP)).trace(
+          jax.ShapeDtypeStruct((M, n), jnp.bfloat16), q,
+          jax.eval_shape(mdx.transposed_params, s, z)
+      ).lower(lowering_platforms=("cuda",))
+    print("lowered ablation", name, flush=True)
   for cfg in CONFIGS:
     f = jax.jit(functools.partial(mg.qmatmul_fwd, group_size=GROUP, cfg=cfg))
     f.trace(x, q, s, z).lower(lowering_platforms=("cuda",))
     print("lowered", cfg, flush=True)
 
 
-def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
+def run_dx(timed, shape, xs, ws, n, k, flops, with_triton, ablate=False):
   """dx rows: XLA bf16 `dy @ W`, the Triton table (`with_triton`), each
-  DX_CONFIGS entry, whole call and kernel alone."""
+  DX_CONFIGS entry, whole call and kernel alone, and with `ablate` the
+  default config's kernel under each `dx_ablations.ABLATIONS` entry (rows
+  `mgpu_dx_ablate_<name>`, timing only: their outputs are wrong)."""
   from pallas_kernels import qmatmul as kq  # pylint: disable=g-import-not-at-top
   num_sms = jax.devices()[0].core_count
   dys = [x[:, :n] if n <= k else jnp.tile(x, (1, -(-n // k)))[:, :n]
@@ -173,6 +185,16 @@ def run_dx(timed, shape, xs, ws, n, k, flops, with_triton):
     row["tflops"] = flops / row["us"] / 1e6
     row["vs_bf16"] = bf16.get("us", float("nan")) / row["us"]
     print("  rel_err", row["rel_err"], "vs bf16", row["vs_bf16"], flush=True)
+  if not ablate:
+    return
+  from experiments import dx_ablations  # pylint: disable=g-import-not-at-top
+  prepped = [(dy, w.qvalue, mdx.transposed_params(w.scale, w.zero_point))
+             for dy, w in zip(dys, ws)]
+  for name, patch in dx_ablations.ABLATIONS.items():
+    with patch():  # traced (and compiled) inside
+      timed(f"mgpu_dx_ablate_{name}", functools.partial(
+          mdx.fused_dx, group_size=GROUP, num_sms=num_sms), prepped,
+            **shape)
 
 
 def main():
@@ -182,6 +204,9 @@ def main():
   ap.add_argument("--op", choices=("fwd", "dx", "both"), default="fwd")
   ap.add_argument("--triton", action="store_true",
                   help="also time the Triton kernel (the table's config)")
+  ap.add_argument("--ablate", action="store_true",
+                  help="also time the input gradient's ablations "
+                  "(experiments/dx_ablations.py)")
   args = ap.parse_args()
   if args.lower_only:
     lower_all()
@@ -214,7 +239,8 @@ def main():
           for kk in jax.random.split(jax.random.PRNGKey(7), r)]
     flops = 2 * M * n * k
     if args.op in ("dx", "both"):
-      run_dx(timed, dict(shape, op="dx"), xs, ws, n, k, flops, args.triton)
+      run_dx(timed, dict(shape, op="dx"), xs, ws, n, k, flops, args.triton,
+             args.ablate)
     if args.op == "dx":
       continue
     shape = dict(shape, op="fwd")

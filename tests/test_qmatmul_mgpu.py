@@ -130,6 +130,23 @@ def test_lowers_for_cuda():
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("name", ["constant", "no_params", "no_shift"])
+def test_dx_ablations_lower_and_restore(name):
+  """experiments/dx_ablations.py's timing-only variants lower for CUDA and
+  leave the kernel module as they found it."""
+  from experiments import dx_ablations  # pylint: disable=g-import-not-at-top
+  before = dict(vars(mdx))
+  m, n, k, g = 1024, 512, 1024, 128
+  with dx_ablations.ABLATIONS[name]():
+    assert dict(vars(mdx)) != before
+    jax.jit(functools.partial(mdx.fused_dx, group_size=g)).trace(
+        jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+        jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+        jax.ShapeDtypeStruct((2, k // g // 2, 2 * n), jnp.bfloat16),
+    ).lower(lowering_platforms=("cuda",))
+  assert dict(vars(mdx)) == before
+
+
 @pytest.mark.parametrize("cfg", [mdx.DxConfig(),
                                  mdx.DxConfig(code_swizzle=0),
                                  mdx.DxConfig(block_n=128, stages=2)])
