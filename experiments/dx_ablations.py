@@ -51,9 +51,7 @@ def _first_operand(a, b):
 ABLATIONS = {
     "constant": lambda: _patched("transposed_weights", _constant_weights),
     "no_params": lambda: _patched("arith", types.SimpleNamespace(**{
-        **{k: getattr(mdx.arith, k) for k in dir(mdx.arith)
-           if not k.startswith("__")},
-        "subf": _first_operand, "mulf": _first_operand})),
+        **vars(mdx.arith), "subf": _first_operand, "mulf": _first_operand})),
     "no_shift": lambda: _patched(
         "_PAIR_PTX", mdx._PAIR_PTX.replace("shr.b32 t, t, $3; ", "")),  # pylint: disable=protected-access
 }

@@ -229,8 +229,7 @@ class TestMgpuGpu:
     assert err < 1e-2, err
 
   # Unswizzled code tiles, 128-row steps, 128-token tiles, several tiles
-  # per CTA (4096 x 2048: the tiles' pipelines chain); wgmmas in flight
-  # (queued: never run on a GPU in this form).
+  # per CTA (4096 x 2048: the tiles' pipelines chain).
   @pytest.mark.parametrize("m, n, k, symmetric, cfg", [
       (1024, 1024, 2048, False, mdx.DxConfig()),
       (1024, 512, 1024, True, mdx.DxConfig()),
