@@ -9,11 +9,15 @@ dequantization or its pipeline: each context below swaps one part of
 
   constant:   no dequantization at all (A = 1.0 everywhere): the pipeline
               and MMA floor of this kernel's structure.
-  no_params:  codes converted (`prmt`, `shr`, `lop3`), no group parameters
-              (their 8-byte loads, `HSUB2`, `HMUL2` dropped): what the
-              parameters cost.
-  no_shift:   the plane's shift dropped (plane 1 reads the wrong nibble):
-              what a warpgroup-specialized build would save.
+  no_params:  codes converted (`shr`, `lop3`), no group parameters (their
+              loads, `HSUB2`, `HMUL2` dropped): what the parameters cost.
+
+Session 15 (H200, before the `ldmatrix` code loads, `mgpu_train_dx_h200_2026-11-28_s15_ablate.json`, XLA bf16
+187.8 / 481.6 / 521.8 us, the kernel 198.1 / 515.6 / 541.9): constant
+164.3 / 427.6 / 444.6 (the structure's floor, 1.14-1.17x XLA bf16),
+no_params 182.4 / 468.2 / 489.7; a third variant without the plane's shift
+(16 of the step's 146 instructions) changed nothing (199.1 / 518.4 / 541.7)
+and was removed.
 """
 
 from __future__ import annotations
@@ -52,6 +56,4 @@ ABLATIONS = {
     "constant": lambda: _patched("transposed_weights", _constant_weights),
     "no_params": lambda: _patched("arith", types.SimpleNamespace(**{
         **vars(mdx.arith), "subf": _first_operand, "mulf": _first_operand})),
-    "no_shift": lambda: _patched(
-        "_PAIR_PTX", mdx._PAIR_PTX.replace("shr.b32 t, t, $3; ", "")),  # pylint: disable=protected-access
 }

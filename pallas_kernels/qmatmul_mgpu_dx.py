@@ -17,12 +17,14 @@ The A fragment is read without any exchange between threads by permuting
 the accumulator's rows: WGMMA's register layout gives thread (warp w, lane
 4 q + r) rows `16 w + q` and `16 w + q + 8` and column pairs `(n, n + 1)`;
 here row `16 w + 8 h + q` stands for byte column `j = 16 w + 2 q + h`, so
-one 16-bit shared load of row n (bytes `j`, `j + 1`) serves both of the
-thread's rows, and one `prmt` per register puts byte h of rows n and n + 1
-into the pair's 16-bit lanes, where the forward's `lop3` (and, for plane 1,
-`shr`) turn them into `128 + f q` (`biased_codes`). The group parameters
-vary along the contraction here (columns of A): `((128 + f q) - (128 + f
-z[n])) (s[n] / f)`, every weight bitwise `qa.dequantize`'s.
+the thread's two rows are two adjacent bytes of the code tile, and the
+16-bit pairs `(row n: bytes j, j + 1)`, `(row n + 1: bytes j, j + 1)` it
+needs are exactly what `ldmatrix .trans` hands a thread from an 8x8 block
+of 16-bit elements: one instruction loads four column pairs. Per register a
+shift by `8 h + p` and the forward's `lop3` (`biased_codes`) turn byte h of
+rows n and n + 1 into `128 + f q`. The group parameters vary along the
+contraction here (columns of A): `((128 + f q) - (128 + f z[n])) (s[n] /
+f)`, every weight bitwise `qa.dequantize`'s.
 
 The epilogue undoes the permutation in registers: the thread's two rows are
 the adjacent output columns `j, j + 1`, so a `prmt` pairs them per token
@@ -33,9 +35,10 @@ Everything else is the forward's: a persistent grid, a memory warpgroup
 running a `stages`-deep TMA pipeline over N in `block_n` rows, chained
 across a CTA's tiles (`qmatmul_mgpu.tile_state`). Each thread's column
 pair needs four numbers per step, `128 + f z` and `s / f` at n and n + 1;
-`transposed_params` lays them out (one XLA transpose) so that they are one
-8-byte shared load. `qmatmul.dx` takes this kernel where `can_use` passes,
-and so does qdot's default input gradient at training shapes.
+`transposed_params` lays them out (one XLA transpose) so that two column
+pairs' are one 16-byte shared load. `qmatmul.dx` takes this kernel where
+`can_use` passes, and so does qdot's default input gradient at training
+shapes.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith
 from jaxlib.mlir.dialects import llvm
+from jaxlib.mlir.dialects import nvvm
 
 from pallas_kernels import qmatmul_mgpu as mg
 
@@ -133,35 +137,48 @@ def _thread_coords():
           arith.andi(arith.shrui(tid, _i32(7)), _i32(1)))
 
 
-def _load_u16(base, addr: ir.Value) -> ir.Value:
-  """The 16 bits at byte `addr` of shared pointer `base`, as an i32."""
-  i8, i16, i32 = (ir.IntegerType.get_signless(b) for b in (8, 16, 32))
-  return arith.extui(i32, llvm.load(
-      i16, mgpu_utils.getelementptr(base, [addr], i8)))
+def _pair_loads(base, first_row: ir.Value, col: int, count: int,
+                swizzle: int) -> list[ir.Value]:
+  """`count` (4 or 2) 8x8 16-bit blocks of the code tile read transposed
+  (`ldmatrix .trans`): block i covers rows `first_row + 8 i + (0..7)` and
+  byte columns `col + (0..15)`; lane L gives the address of row
+  `first_row + L` and receives, per block, bytes `2 q, 2 q + 1` of rows
+  `8 i + 2 r` and `8 i + 2 r + 1` (L = 4 q + r) in one 32-bit register."""
+  i8, i32 = (ir.IntegerType.get_signless(b) for b in (8, 32))
+  addr = arith.addi(arith.muli(first_row, _i32(ROW_BYTES)), col)
+  ptr = mgpu_utils.getelementptr(base, [_swizzled(addr, swizzle)], i8)
+  loaded = nvvm.ldmatrix(
+      ptr, num=count, layout=nvvm.MMALayout.col,
+      shape=ir.Attribute.parse("#nvvm.ld_st_matrix_shape<m=8, n=8>"),
+      elt_type=nvvm.LdStMatrixEltType.B16)
+  return [llvm.extractvalue(i32, loaded, [i]) for i in range(count)]
 
 
-# Byte h of rows n ($1) and n + 1 ($2) into the low bytes of a pair's 16-bit
-# lanes (prmt; byte 2 of $1, a zero-extended 16-bit load, fills the high
-# bytes), shifted right by the plane ($3: plane 1's nibble lands in bits
-# 3-6), masked and given bf16's exponent for 128 ((t & $4) | 0x43004300).
-_PAIR_PTX = ("{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel:#06x}; "
-             "shr.b32 t, t, $3; lop3.b32 $0, t, $4, 0x43004300, 0xEA; }}")
-_BYTE_SELECT = (0x2420, 0x2521)
+# One register of a row pair's bytes ($1 = [row n: byte j, j + 1 | row n + 1:
+# byte j, j + 1]) -> the nibbles of byte j + h of both rows in the low bits
+# of the pair's 16-bit lanes: shifted right by 8 h + p ($2; plane 1's nibble
+# lands in bits 3-6), masked and given bf16's exponent for 128 ($3 the
+# plane's mask; (t & $3) | 0x43004300).
+_PAIR_PTX = ("{ .reg .b32 t; shr.b32 t, $1, $2; "
+             "lop3.b32 $0, t, $3, 0x43004300, 0xEA; }")
 
 
 def transposed_params(scale: jax.Array, zero_point: jax.Array | None,
                       dtype=jnp.bfloat16) -> jax.Array:
-  """`(N, G)` scales and zero points -> `(2, G/2, 2 N)`: for plane p, its
-  group g and row pair m, `[zb[2m], zb[2m+1], sb[2m], sb[2m+1]]` at `4 m`,
-  with `zb = 128 + f z`, `sb = s / f`, f = PLANE_FACTOR[p] (exact in
-  `dtype`): what a thread's column pair needs, one 8-byte load. Symmetric
-  codes (`zero_point` None) take the implicit zero point 8."""
+  """`(N, G)` scales and zero points -> `(2, G/2, 2 N)`: for plane p and its
+  group g, row pair m = 8 a + 4 b + r's `[zb[2m], zb[2m+1], sb[2m],
+  sb[2m+1]]` at `4 (8 a + 2 r + b)`, with `zb = 128 + f z`, `sb = s / f`,
+  f = PLANE_FACTOR[p] (exact in `dtype`): a thread (lane 4 q + r) finds its
+  column pairs of two consecutive 8-row chunks (b = 0, 1) in one 16-byte
+  load, and the warp's four r in one 64-byte line. Symmetric codes
+  (`zero_point` None) take the implicit zero point 8. N must be a multiple
+  of 16."""
   n, g = scale.shape
   z = jnp.full((n, g), 8, dtype) if zero_point is None else zero_point
   f = jnp.repeat(jnp.asarray(mg.PLANE_FACTOR, dtype), g // 2)
   pair = jnp.stack([z.astype(dtype) * f + 128, scale.astype(dtype) * (1 / f)])
-  # [which, 2 m + parity, g] -> [g, m, which, parity]: one transpose.
-  quad = pair.reshape(2, n // 2, 2, g).transpose(3, 1, 0, 2)
+  # [which, a, b, r, parity, g] -> [g, a, r, b, which, parity]: one transpose.
+  quad = pair.reshape(2, n // 16, 2, 4, 2, g).transpose(5, 1, 3, 2, 0, 4)
   return quad.reshape(2, g // 2, 2 * n)
 
 
@@ -171,7 +188,10 @@ def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
   `16 w + 8 h + q` (see the module docstring) and column n hold
   `((128 + f q_p[n, j]) - zb[n]) sb[n]`, `j = 16 w + 2 q + h`, from the
   `(block_n, 64)` uint8 code tile `q_ref` and the `(2, 1, 2 block_n)`
-  `transposed_params` block `p_ref`, both in shared memory."""
+  `transposed_params` block `p_ref`, both in shared memory. Per step a
+  thread issues block_n / 32 `ldmatrix` (codes) and block_n / 16 16-byte
+  loads (parameters), and per pair of weights `shr`, `lop3`, `HSUB2`,
+  `HMUL2`."""
   layout = plgpu.Layout.WGMMA
   regs_shape = mgpu.WGMMA_LAYOUT.registers_shape((COLS, block_n))
 
@@ -180,36 +200,39 @@ def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
       return_type=plgpu.ShapeDtypeStruct((COLS, block_n), jnp.bfloat16,
                                          layout=layout))
   def build(_, q_ref, p_ref):
-    i8, i32, i64 = (ir.IntegerType.get_signless(b) for b in (8, 32, 64))
+    i8, i32 = (ir.IntegerType.get_signless(b) for b in (8, 32))
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
-    warp, q, r, plane = _thread_coords()
-    byte = arith.addi(arith.muli(warp, _i32(16)), arith.muli(q, _i32(2)))
+    quad = ir.VectorType.get((4,), i32)
+    warp, _, r, plane = _thread_coords()
+    lane = arith.andi(mgpu_utils.thread_idx(), _i32(31))
+    col = arith.muli(warp, _i32(16))
     mask = arith.addi(_i32(mg.NIBBLE_MASKS[0]), arith.muli(
         plane, _i32(mg.NIBBLE_MASKS[1] - mg.NIBBLE_MASKS[0])))
+    shifts = (plane, arith.addi(plane, _i32(8)))
     codes, params = mgpu_utils.memref_ptr(q_ref), mgpu_utils.memref_ptr(p_ref)
     param_base = arith.addi(arith.muli(plane, _i32(block_n * 4)),
-                            arith.muli(r, _i32(8)))
-    first_row = arith.muli(r, _i32(2))
+                            arith.muli(r, _i32(16)))
+    pairs = []
+    for first in range(0, block_n // 8, 4):
+      count = min(4, block_n // 8 - first)
+      pairs += _pair_loads(codes, arith.addi(lane, _i32(8 * first)), col,
+                           count, swizzle)
     regs = np.empty(regs_shape, dtype=object)
-    for cj in range(block_n // 8):
-      words = []
-      for u in (0, 1):
-        row = arith.addi(first_row, _i32(8 * cj + u))
-        addr = arith.addi(arith.muli(row, _i32(ROW_BYTES)), byte)
-        words.append(_load_u16(codes, _swizzled(addr, swizzle)))
-      both = llvm.load(i64, mgpu_utils.getelementptr(
-          params, [arith.addi(param_base, _i32(32 * cj))], i8))
-      zb = mgpu_utils.bitcast(arith.trunci(i32, both), pair)
-      sb = mgpu_utils.bitcast(
-          arith.trunci(i32, arith.shrui(both, mgpu_utils.c(32, i64))), pair)
-      for h in (0, 1):
-        bits = llvm.inline_asm(
-            i32, [*words, plane, mask], _PAIR_PTX.format(sel=_BYTE_SELECT[h]),
-            "=r,r,r,r,r")
-        idx = [0] * len(regs_shape)
-        idx[1], idx[4] = cj, h
-        regs[tuple(idx)] = arith.mulf(
-            arith.subf(mgpu_utils.bitcast(bits, pair), zb), sb)
+    for a in range(block_n // 16):
+      both = llvm.load(quad, mgpu_utils.getelementptr(
+          params, [arith.addi(param_base, _i32(64 * a))], i8), alignment=16)
+      for b in (0, 1):
+        cj = 2 * a + b
+        zb, sb = (mgpu_utils.bitcast(
+            llvm.extractelement(both, mgpu_utils.c(2 * b + i, i32)), pair)
+                  for i in (0, 1))
+        for h in (0, 1):
+          bits = llvm.inline_asm(i32, [pairs[cj], shifts[h], mask],
+                                 _PAIR_PTX, "=r,r,r,r")
+          idx = [0] * len(regs_shape)
+          idx[1], idx[4] = cj, h
+          regs[tuple(idx)] = arith.mulf(
+              arith.subf(mgpu_utils.bitcast(bits, pair), zb), sb)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
                                 _is_signed=None)
 
