@@ -17,7 +17,9 @@ Session 15 (H200, before the `ldmatrix` code loads, `mgpu_train_dx_h200_2026-11-
 164.3 / 427.6 / 444.6 (the structure's floor, 1.14-1.17x XLA bf16),
 no_params 182.4 / 468.2 / 489.7; a third variant without the plane's shift
 (16 of the step's 146 instructions) changed nothing (199.1 / 518.4 / 541.7)
-and was removed.
+and was removed. After the `ldmatrix` loads (`..._s15_ablate_ldmatrix.json`,
+XLA bf16 186.3 / 476.8 / 518.6, the kernel alone 184.2 / 481.2 / 499.0):
+constant 163.6 / 422.8 / 442.2, no_params 174.0 / 452.0 / 471.5.
 """
 
 from __future__ import annotations
