@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 MS = [1, 4, 16, 256, 4096]
@@ -199,6 +200,28 @@ def write_rows(out_dir: str, stem: str, timer, rows: list, what: str):
       commit=os.environ.get("COMMIT", "unknown"), date=date,
       timing=timer.method, what=what, rows=rows), indent=1))
   print("wrote", path, time.strftime("%X"))
+
+
+def row_timer(timer, rows: list):
+  """`timed(label, fn, sets, **extra) -> row`: compiles `fn` over every
+  argument tuple in `sets` as one jitted call, times it with `timer` (per
+  set), appends `dict(impl=label, **extra, us=...)` (or the error) to
+  `rows` and prints it (the probe scripts' timing)."""
+  jax, _ = _jax_setup()
+
+  def timed(label, fn, sets, **extra):
+    row = dict(impl=label, **extra)
+    try:
+      compiled = jax.jit(lambda sets: [fn(*s) for s in sets]).lower(
+          sets).compile()
+      row["us"] = timer(compiled, (sets,), len(sets)) * 1e3
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+      row["traceback"] = traceback.format_exc()[-2000:]
+    rows.append(row)
+    print(row, flush=True)
+    return row
+  return timed
 
 
 def ceilings(timer) -> dict:

@@ -23,7 +23,6 @@ import os
 import pathlib
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -89,19 +88,7 @@ def main():
   timer = bk.Timer()
   num_sms = jax.devices()[0].core_count
   rows = []
-
-  def timed(label, fn, sets, **extra):
-    row = dict(impl=label, **extra)
-    try:
-      compiled = jax.jit(lambda sets: [fn(*s) for s in sets]).lower(
-          sets).compile()
-      row["us"] = timer(compiled, (sets,), len(sets)) * 1e3
-    except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-      row["traceback"] = traceback.format_exc()[-2000:]
-    rows.append(row)
-    print(row, flush=True)
-    return row
+  timed = bk.row_timer(timer, rows)
 
   for n, k in SHAPES:
     copies = bk._copies(n * k // 2)  # pylint: disable=protected-access

@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to ../shared/data and the SmolLM2 GGUF."""
+"""Shared test fixtures: paths to ../shared/data and the SmolLM2 GGUF, and
+the Hopper-GPU skip of the Mosaic GPU kernels' GPU tests."""
 
 import importlib.util
 import os
@@ -39,3 +40,15 @@ def smollm2_gguf() -> pathlib.Path:
   if not path.exists():
     pytest.skip(f"{path} missing")
   return path
+
+
+@pytest.fixture
+def hopper():
+  """Skips unless JAX's default backend is a Hopper GPU (compute
+  capability 9.x), which the Mosaic GPU kernels need."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+  if not cc.startswith("9."):
+    pytest.skip(f"needs Hopper, got compute capability {cc}")

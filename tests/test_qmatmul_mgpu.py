@@ -204,17 +204,10 @@ def test_conversion_kernel_lowers_for_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
 class TestMgpuGpu:
   """On a Hopper GPU: the kernel against the float32 reference, fresh
   random data, and `qmatmul.fwd` / `qdot` taking it by default."""
-
-  @pytest.fixture(autouse=True)
-  def _hopper(self):
-    if jax.default_backend() != "gpu":
-      pytest.skip("needs a GPU")
-    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-    if not cc.startswith("9."):
-      pytest.skip(f"needs Hopper, got compute capability {cc}")
 
   # (4096, 2048, 2048): more tiles than SMs, so the tiles' pipelines chain.
   @pytest.mark.parametrize("m, n, k, symmetric", [(1024, 1024, 2048, False),

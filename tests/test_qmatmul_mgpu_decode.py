@@ -61,16 +61,9 @@ def test_lowers_for_cuda(cfg):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
 class TestDecodeGpu:
   """On a Hopper GPU: the probe against the float32 reference."""
-
-  @pytest.fixture(autouse=True)
-  def _hopper(self):
-    if jax.default_backend() != "gpu":
-      pytest.skip("needs a GPU")
-    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-    if not cc.startswith("9."):
-      pytest.skip(f"needs Hopper, got compute capability {cc}")
 
   # 4096 x 4096 at split 4: 128 tiles; 11008 rows: more tiles than SMs, so
   # the tiles' pipelines chain; (2048, 8192) splits 2 groups per tile.
