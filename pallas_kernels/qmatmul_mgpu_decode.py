@@ -42,7 +42,6 @@ from pallas_kernels import qmatmul_mgpu as mg
 
 ROWS = 64  # weight rows per compute warpgroup (wgmma M)
 CTA_ROWS = 2 * ROWS
-MAX_M = 16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,9 +93,9 @@ def check_shapes(m: int, n: int, k: int, group_size: int,
        f"tokens={cfg.tokens} must be a multiple of 8, at most 256 (wgmma N)"),
       (m % cfg.tokens == 0, f"M={m} must be a multiple of tokens="
        f"{cfg.tokens}"),
-      (n % cfg.block_n == 0 and cfg.block_n % 16 == 0,
+      (n % cfg.block_n == 0 and cfg.block_n % 32 == 0,
        f"N={n} must be a multiple of block_n={cfg.block_n} (itself a "
-       "multiple of 16)"),
+       "multiple of 32: one `ldmatrix.x4` reads 32 rows)"),
       (group_size % COLS == 0, f"group size {group_size} must be a multiple "
        f"of {COLS}"),
       (half % group_size == 0,
@@ -137,10 +137,10 @@ def _thread_coords():
           arith.andi(arith.shrui(tid, _i32(7)), _i32(1)))
 
 
-def _pair_loads(base, first_row: ir.Value, col: int, count: int,
+def _pair_loads(base, first_row: ir.Value, col: int,
                 swizzle: int) -> list[ir.Value]:
-  """`count` (4 or 2) 8x8 16-bit blocks of the code tile read transposed
-  (`ldmatrix .trans`): block i covers rows `first_row + 8 i + (0..7)` and
+  """Four 8x8 16-bit blocks of the code tile read transposed (`ldmatrix
+  .x4 .trans`): block i covers rows `first_row + 8 i + (0..7)` and
   byte columns `col + (0..15)`; lane L gives the address of row
   `first_row + L` and receives, per block, bytes `2 q, 2 q + 1` of rows
   `8 i + 2 r` and `8 i + 2 r + 1` (L = 4 q + r) in one 32-bit register."""
@@ -148,10 +148,10 @@ def _pair_loads(base, first_row: ir.Value, col: int, count: int,
   addr = arith.addi(arith.muli(first_row, _i32(ROW_BYTES)), col)
   ptr = mgpu_utils.getelementptr(base, [_swizzled(addr, swizzle)], i8)
   loaded = nvvm.ldmatrix(
-      ptr, num=count, layout=nvvm.MMALayout.col,
+      ptr, num=4, layout=nvvm.MMALayout.col,
       shape=ir.Attribute.parse("#nvvm.ld_st_matrix_shape<m=8, n=8>"),
       elt_type=nvvm.LdStMatrixEltType.B16)
-  return [llvm.extractvalue(i32, loaded, [i]) for i in range(count)]
+  return [llvm.extractvalue(i32, loaded, [i]) for i in range(4)]
 
 
 # One register of a row pair's bytes ($1 = [row n: byte j, j + 1 | row n + 1:
@@ -213,10 +213,9 @@ def transposed_weights(q_ref, p_ref, block_n: int, swizzle: int
     param_base = arith.addi(arith.muli(plane, _i32(block_n * 4)),
                             arith.muli(r, _i32(16)))
     pairs = []
-    for first in range(0, block_n // 8, 4):
-      count = min(4, block_n // 8 - first)
-      pairs += _pair_loads(codes, arith.addi(lane, _i32(8 * first)), col,
-                           count, swizzle)
+    for first_row in range(0, block_n, 32):
+      pairs += _pair_loads(codes, arith.addi(lane, _i32(first_row)), col,
+                           swizzle)
     regs = np.empty(regs_shape, dtype=object)
     for a in range(block_n // 16):
       both = llvm.load(quad, mgpu_utils.getelementptr(

@@ -100,6 +100,8 @@ def test_dx_check_shapes_names_the_broken_rule(shape, message):
     mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(code_swizzle=128))
   with pytest.raises(ValueError, match="tokens=512 must be a multiple of 8"):
     mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(tokens=512))
+  with pytest.raises(ValueError, match="itself a multiple of 32"):
+    mdx.check_shapes(4096, 4096, 4096, 128, mdx.DxConfig(block_n=48))
 
 
 def test_gate_refuses_off_hopper_and_qdot_keeps_xla():

@@ -69,8 +69,8 @@ class WeightWithProbe:
 # (mgpu_train_h100_2026-11-28.json), the input gradient on an H200
 # (mgpu_train_dx_h200_2026-11-28_s13.json against kernels_h200_2026-11-28_
 # run12.json's dequantize-then-matmul rows; in kernels_h200_2026-11-28_
-# run13.json a tie at two shapes and 4 % ahead at the third, and the whole
-# LoRA step 8 % faster, pallas_training_int4_h200_2026-11-28.json). Else,
+# run14.json 7-12 % ahead of it at all three shapes, and the whole LoRA step
+# 8 % faster, pallas_training_int4_h200_2026-11-28_s15.json). Else,
 # at M > AUTO_PALLAS_MAX_M and for the 3-bit input gradient, XLA wins.
 AUTO_PALLAS_MAX_M = 16
 
